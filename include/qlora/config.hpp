@@ -1,0 +1,23 @@
+// Compiler glue shared by every header: host/device function attributes and
+// the one switch that says whether nvcc is compiling this translation unit.
+//
+// Rule for the whole library: nothing here (or anywhere) changes the layout of
+// a type under __CUDACC__, so a g++ TU and an nvcc TU of one program agree on
+// every qlora type. Only attributes differ.
+#pragma once
+
+#if defined(__CUDACC__)
+#define QLORA_HOST_DEVICE __forceinline__ __host__ __device__
+#define QLORA_DEVICE __forceinline__ __device__
+#define QLORA_HOST __host__ inline
+#else
+#define QLORA_HOST_DEVICE inline
+#define QLORA_DEVICE inline
+#define QLORA_HOST inline
+#endif
+
+#if defined(__CUDA_ARCH__)
+#define QLORA_IN_DEVICE_CODE 1
+#else
+#define QLORA_IN_DEVICE_CODE 0
+#endif
