@@ -21,3 +21,10 @@
 #else
 #define QLORA_IN_DEVICE_CODE 0
 #endif
+
+// Quantization is bit-exact with bitsandbytes only under IEEE float
+// semantics; -ffast-math (reassociation, reciprocal approximations, FTZ)
+// silently changes codes, so refuse it rather than produce different weights.
+#if defined(__FAST_MATH__) && !defined(QLORA_ALLOW_FAST_MATH)
+#error "qlora needs IEEE float semantics: do not compile it with -ffast-math (define QLORA_ALLOW_FAST_MATH to override)"
+#endif

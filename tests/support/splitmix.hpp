@@ -1,0 +1,30 @@
+// The portable test-data generator of nf4_spec.md §10 (also used by the
+// tests/reference scripts): splitmix64 and a sum-of-four-uniforms value in
+// [-2, 2) * scale, computed in double and rounded to float once.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace qlora::test {
+
+inline std::uint64_t splitmix64(std::uint64_t index) {
+  std::uint64_t z = (index + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline float splitmix_value(std::uint64_t index, double scale) {
+  double sum = 0.0;
+  for (std::uint64_t k = 0; k < 4; ++k) sum += static_cast<double>(splitmix64(4 * index + k) >> 40);
+  return static_cast<float>((sum / 16777216.0 - 2.0) * scale);
+}
+
+inline std::vector<float> splitmix_values(std::size_t count, double scale, std::uint64_t first_index = 0) {
+  std::vector<float> values(count);
+  for (std::size_t i = 0; i < count; ++i) values[i] = splitmix_value(first_index + i, scale);
+  return values;
+}
+
+}  // namespace qlora::test
