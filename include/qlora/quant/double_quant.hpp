@@ -4,6 +4,7 @@
 // saves about 0.37 bits per parameter at blocksize 64.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -16,14 +17,22 @@
 namespace qlora {
 
 /// The offset double quantization subtracts: the mean of `absmax`, summed in
-/// double and rounded once to float32. bitsandbytes takes torch's float32
+/// double in a fixed order — each run of `nested_blocksize` values in turn,
+/// then those partial sums in turn — and rounded once to float32. The fixed
+/// order lets the CUDA kernel (one thread per run, then one thread over the
+/// runs) produce the same bits. bitsandbytes takes torch's float32
 /// `absmax.mean()`, whose last bit depends on torch's reduction order; the
 /// offset is stored in the checkpoint, so readers are exact either way.
 inline float mean_offset(std::span<const float> absmax) {
   check(!absmax.empty(), "EmptyTensor", "cannot take the mean of an empty absmax");
-  double sum = 0.0;
-  for (const float value : absmax) sum += value;
-  return static_cast<float>(sum / static_cast<double>(absmax.size()));
+  double total = 0.0;
+  for (std::size_t run = 0; run < absmax.size(); run += nested_blocksize) {
+    const std::size_t run_end = std::min(absmax.size(), run + static_cast<std::size_t>(nested_blocksize));
+    double partial = 0.0;
+    for (std::size_t i = run; i < run_end; ++i) partial += absmax[i];
+    total += partial;
+  }
+  return static_cast<float>(total / static_cast<double>(absmax.size()));
 }
 
 /// Quantizes `absmax - offset` (a float32 subtraction) in blocks of 256.
