@@ -124,3 +124,18 @@ TEST_CASE("bad input gives named errors") {
   broken.blocksize = 96;
   CHECK(code_of([&] { dequantize_4bit<float>(q.packed, broken, std::span<float>(out)); }) == "InvalidBlocksize");
 }
+
+TEST_CASE("SIMD and scalar nibble expansion give the same values") {
+  std::uint16_t table[16];
+  for (int c = 0; c < 16; ++c) table[c] = static_cast<std::uint16_t>(0x3F00 + c * 0x0101);
+  std::vector<std::uint8_t> bytes(77);
+  for (std::size_t k = 0; k < bytes.size(); ++k) bytes[k] = static_cast<std::uint8_t>(test::splitmix64(k));
+  std::vector<std::uint16_t> scalar(2 * bytes.size()), dispatched(2 * bytes.size());
+  detail::expand_nibbles_scalar(bytes.data(), 77, table, scalar.data());
+  detail::expand_nibbles(bytes.data(), 77, table, dispatched.data());
+  CHECK(scalar == dispatched);
+  for (std::size_t k = 0; k < bytes.size(); ++k) {
+    REQUIRE(scalar[2 * k] == table[bytes[k] >> 4]);
+    REQUIRE(scalar[2 * k + 1] == table[bytes[k] & 0xF]);
+  }
+}

@@ -22,6 +22,7 @@
 #include <qlora/core/error.hpp>
 #include <qlora/core/parallel.hpp>
 #include <qlora/quant/detail/block_scale.hpp>
+#include <qlora/quant/detail/nibble_lookup.hpp>
 #include <qlora/quant/double_quant.hpp>
 #include <qlora/quant/quant_policy.hpp>
 #include <qlora/quant/quant_state.hpp>
@@ -55,11 +56,29 @@ QuantState new_quant_state(std::size_t element_count, std::vector<std::int64_t> 
 /// The input as float, refusing NaN and Inf: bitsandbytes' CPU and CUDA paths
 /// disagree on them (nf4_spec.md §2) and neither gives a usable weight.
 template <FloatStorage T>
-float finite_input(const T* input, std::int64_t index) {
-  const float value = to_float(input[index]);
+float finite_value(T element, std::int64_t index) {
+  const float value = to_float(element);
   check(std::isfinite(value), "NonFiniteInput", "input element {} is {}; 4-bit quantization needs finite values",
         index, value);
   return value;
+}
+
+/// max |x| over `length` values; throws NonFiniteInput naming the first NaN
+/// or Inf (its index counted from the tensor start, `first_index`). The scan
+/// itself is branch-free so it vectorizes; the slow search runs only on failure.
+template <FloatStorage T>
+float finite_max_magnitude(const T* values, std::int64_t length, std::int64_t first_index) {
+  float max_magnitude = 0.0f;
+  bool saw_nan = false;
+  for (std::int64_t i = 0; i < length; ++i) {
+    const float magnitude = std::fabs(to_float(values[i]));
+    saw_nan |= magnitude != magnitude;
+    max_magnitude = std::max(max_magnitude, magnitude);
+  }
+  if (saw_nan || !std::isfinite(max_magnitude)) [[unlikely]] {
+    for (std::int64_t i = 0; i < length; ++i) finite_value(values[i], first_index + i);
+  }
+  return max_magnitude;
 }
 
 /// Double quantization, when asked for, replaces the float absmax by its nested form.
@@ -83,7 +102,7 @@ Quantized4bit quantize_4bit_ref(std::span<const T> input, std::vector<std::int64
   std::vector<float> max_magnitude(static_cast<std::size_t>(blocks), 0.0f);
   for (std::int64_t i = 0; i < n; ++i) {
     auto& block_max = max_magnitude[static_cast<std::size_t>(i / blocksize)];
-    block_max = std::max(block_max, std::fabs(detail::finite_input(input.data(), i)));
+    block_max = std::max(block_max, std::fabs(detail::finite_value(input[static_cast<std::size_t>(i)], i)));
   }
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(n + 1), Q::zero_code);  // +1: padding for odd n
   state.absmax.resize(static_cast<std::size_t>(blocks));
@@ -113,24 +132,26 @@ Quantized4bit quantize_4bit(std::span<const T> input, std::vector<std::int64_t> 
   std::vector<std::uint8_t> packed(static_cast<std::size_t>(state.packed_bytes()));
   state.absmax.resize(static_cast<std::size_t>(blocks));
 
-  // Blocks start at even elements (blocksize >= 32 is even), so each block owns whole bytes.
+  // Blocks start at even elements (blocksize >= 32 is even), so each block
+  // owns whole bytes. Each step below is a simple loop the compiler can
+  // vectorize: magnitude scan, encode into a small buffer, pack pairs.
   const auto quantize_blocks = [&](std::int64_t first_block, std::int64_t last_block) {
+    std::uint8_t codes[4096 + 1];  // one block, +1 pad for an odd tail
     for (std::int64_t block = first_block; block < last_block; ++block) {
       const std::int64_t begin = block * blocksize;
-      const std::int64_t end = std::min(begin + blocksize, n);
-      float max_magnitude = 0.0f;
-      for (std::int64_t i = begin; i < end; ++i) {
-        max_magnitude = std::max(max_magnitude, std::fabs(detail::finite_input(input.data(), i)));
-      }
-      const detail::BlockScale scale = detail::block_scale(max_magnitude, end - begin < blocksize);
+      const std::int64_t length = std::min(blocksize, n - begin);
+      const T* values = input.data() + begin;
+      const float max_magnitude = detail::finite_max_magnitude(values, length, begin);
+      const detail::BlockScale scale = detail::block_scale(max_magnitude, length < blocksize);
       state.absmax[static_cast<std::size_t>(block)] = scale.stored_absmax;
-      const auto encode = [&](std::int64_t i) {
-        return i < end ? Q::encode(detail::normalize(to_float(input[static_cast<std::size_t>(i)]), scale))
-                       : Q::zero_code;
-      };
-      for (std::int64_t i = begin; i < end; i += 2) {
-        packed[static_cast<std::size_t>(i / 2)] = detail::pack_nibbles(encode(i), encode(i + 1));
+      if (scale.divide) {
+        for (std::int64_t i = 0; i < length; ++i) codes[i] = Q::encode(to_float(values[i]) / scale.factor);
+      } else {
+        for (std::int64_t i = 0; i < length; ++i) codes[i] = Q::encode(to_float(values[i]) * scale.factor);
       }
+      codes[length] = Q::zero_code;
+      std::uint8_t* bytes = packed.data() + begin / 2;
+      for (std::int64_t k = 0; k < (length + 1) / 2; ++k) bytes[k] = detail::pack_nibbles(codes[2 * k], codes[2 * k + 1]);
     }
   };
   // ~16K elements per task keeps thread start-up well under the work.
@@ -179,15 +200,19 @@ void dequantize_4bit(std::span<const std::uint8_t> packed, const QuantState& sta
         const float scale = state.block_absmax(block);
         for (std::uint8_t code = 0; code < 16; ++code) values[code] = from_float<Out>(Q::decode(code) * scale);
         const std::int64_t begin = block * blocksize;
-        const std::int64_t end = std::min(begin + blocksize, n);
-        const std::int64_t pair_end = begin + ((end - begin) & ~std::int64_t{1});
+        const std::int64_t length = std::min(blocksize, n - begin);
         const std::uint8_t* bytes = packed.data() + begin / 2;
         Out* destination = out.data() + begin;
-        for (std::int64_t i = begin; i < pair_end; i += 2, ++bytes, destination += 2) {
-          destination[0] = values[*bytes >> 4];
-          destination[1] = values[*bytes & 0xF];
+        if constexpr (sizeof(Out) == 2) {  // bf16 / fp16: table lookups on the raw 16-bit patterns
+          const auto* table = reinterpret_cast<const std::uint16_t*>(values);
+          detail::expand_nibbles(bytes, length / 2, table, reinterpret_cast<std::uint16_t*>(destination));
+        } else {
+          for (std::int64_t k = 0; k < length / 2; ++k) {
+            destination[2 * k] = values[bytes[k] >> 4];
+            destination[2 * k + 1] = values[bytes[k] & 0xF];
+          }
         }
-        if (pair_end < end) *destination = values[*bytes >> 4];  // odd n: the last byte's high nibble
+        if (length % 2 != 0) destination[length - 1] = values[bytes[length / 2] >> 4];  // odd n: a lone high nibble
       }
     };
     parallel_for(state.block_count(), std::max<std::int64_t>(1, 32768 / blocksize), dequantize_blocks, threads);
