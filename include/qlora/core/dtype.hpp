@@ -24,11 +24,15 @@ namespace qlora {
 struct bf16 {
   std::uint16_t bits;
 
-  /// PyTorch c10::BFloat16 rounding: round-to-nearest-even; every NaN becomes
-  /// the positive quiet NaN 0x7FC0 (sign and payload dropped).
+  /// PyTorch's rounding for float32 tensors converted to bfloat16
+  /// (`tensor.to(torch.bfloat16)`, the vectorised ATen path):
+  /// round-to-nearest-even, subnormals kept, overflow to Inf, and every NaN
+  /// becomes 0xFFFF. (PyTorch's scalar c10::BFloat16 writes 0x7FC0 for NaN
+  /// instead; the two differ only there — tests/reference/dtype_conversions.py
+  /// records both.)
   static QLORA_HOST_DEVICE bf16 from_float(float value) noexcept {
     const std::uint32_t u = detail::bit_cast<std::uint32_t>(value);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return bf16{0x7FC0};
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return bf16{0xFFFF};
     const std::uint32_t rounding_bias = 0x7FFFu + ((u >> 16) & 1u);
     return bf16{static_cast<std::uint16_t>((u + rounding_bias) >> 16)};
   }
@@ -71,14 +75,15 @@ struct fp16 {
     if (remainder > half_unit || (remainder == half_unit && (result & 1u))) ++result;
     return fp16{static_cast<std::uint16_t>(sign | result)};
   }
-  /// Exact (every half is a float).
+  /// Exact for every number; a NaN is widened with its sign and payload and
+  /// the quiet bit set, as x86 F16C (PyTorch's path) does.
   QLORA_HOST_DEVICE float to_float() const noexcept {
     const std::uint32_t sign = static_cast<std::uint32_t>(bits & 0x8000u) << 16;
     const std::uint32_t exponent = (bits >> 10) & 0x1Fu;
     std::uint32_t mantissa = bits & 0x3FFu;
     std::uint32_t out;
     if (exponent == 0x1Fu) {
-      out = sign | 0x7F800000u | (mantissa << 13);
+      out = sign | 0x7F800000u | (mantissa << 13) | (mantissa != 0 ? 0x400000u : 0u);
     } else if (exponent != 0) {
       out = sign | ((exponent + 112u) << 23) | (mantissa << 13);
     } else if (mantissa == 0) {
