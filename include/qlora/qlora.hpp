@@ -1,0 +1,13 @@
+// The whole library: `#include <qlora/qlora.hpp>`. Includes every CPU-side
+// public header, and the CUDA ones too when nvcc compiles the translation unit.
+#pragma once
+
+#include <qlora/config.hpp>
+#include <qlora/core.hpp>
+#include <qlora/io.hpp>
+#include <qlora/quant.hpp>
+#include <qlora/version.hpp>
+
+#if defined(__CUDACC__) && __has_include(<qlora/cuda.hpp>)
+#include <qlora/cuda.hpp>
+#endif
