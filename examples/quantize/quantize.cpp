@@ -157,6 +157,8 @@ int run(const Tensors& tensors, const Options& options) {
     }
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  check(!quantized.empty(), "NothingToQuantize", "{} has no 2-D float `*.weight` tensor outside the --skip list",
+        options.input.string());
 
   // Write the checkpoint: 4-bit weights in bitsandbytes' layout, the rest unchanged.
   SafetensorsWriter writer;
@@ -189,8 +191,6 @@ int run(const Tensors& tensors, const Options& options) {
       if (const auto* t = written.find(name)) quantized_bytes += t->data.size();
     }
   }
-  check(!quantized.empty(), "NothingToQuantize", "{} has no 2-D float `*.weight` tensor outside the --skip list",
-        options.input.string());
   fmt::print("\nquantized {} tensors ({} parameters) in {:.3f} s; {} other tensors kept as they were\n", quantized.size(),
              parameters, seconds, kept.size());
   fmt::print("error: relative RMS {:.4f}, max |error| {:.3g}\n", total.relative_rms(), total.max_abs_error);
