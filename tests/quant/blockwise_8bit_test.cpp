@@ -45,7 +45,7 @@ TEST_CASE("8-bit blockwise quantize/dequantize are bit-identical to bitsandbytes
   const auto expected_codes = fixture().read<std::uint8_t>("codes");
   const auto expected_absmax = fixture().read<float>("absmax");
   const auto expected_dequant = fixture().read<float>("dequant");
-  // Blocks 12 and 13 hold NaN/Inf, which double quantization never feeds in
+  // Two blocks hold NaN/Inf, which double quantization never feeds in
   // (absmax values are finite and non-negative) and which the 4-bit layer
   // rejects; we check the finite blocks, and those two blocks only for the
   // finite elements' codes where bitsandbytes' rule is well defined.

@@ -103,13 +103,43 @@ def save(path: str, tensors: dict, metadata: dict) -> int:
     """
     from safetensors.torch import save_file
 
-    meta = {k: (v if isinstance(v, str) else json.dumps(v, sort_keys=False)) for k, v in metadata.items()}
+    # allow_nan=False: metadata must be strict JSON (no NaN/Infinity tokens) for C++ parsers
+    meta = {k: (v if isinstance(v, str) else json.dumps(v, allow_nan=False)) for k, v in metadata.items()}
     for k, v in versions().items():
         meta.setdefault(k, v)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata=meta)
+    _canonicalize_header(path)
+    os.chmod(path, 0o644)  # safetensors creates files 0600
     size = os.path.getsize(path)
     if size > MAX_FILE_BYTES:
         raise SystemExit(f"{path}: {size} bytes exceeds the 1 MiB fixture limit")
     print(f"wrote {os.path.relpath(path, REPO_ROOT)} ({size} bytes, {len(tensors)} tensors)")
     return size
+
+
+def _canonicalize_header(path: str) -> None:
+    """Sort the __metadata__ keys in place so reruns give byte-identical files.
+
+    safetensors writes the metadata map in hash order (it changes from run to run).
+    Re-serialising the same JSON with sorted metadata keys keeps the header length,
+    so tensor offsets are untouched; the result is still a valid safetensors file.
+    """
+    import struct
+
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(n)
+        text = raw.decode("utf-8")
+        body = text.rstrip(" ")
+        hdr = json.loads(body, object_pairs_hook=dict)
+        again = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False)
+        if again != body:  # unexpected formatting: leave the file alone
+            return
+        if "__metadata__" in hdr:
+            hdr["__metadata__"] = dict(sorted(hdr["__metadata__"].items()))
+        new = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False)
+        new_raw = new.encode("utf-8") + b" " * (len(text) - len(body))
+        assert len(new_raw) == n
+        f.seek(8)
+        f.write(new_raw)
