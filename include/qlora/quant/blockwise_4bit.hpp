@@ -194,15 +194,27 @@ void dequantize_4bit(std::span<const std::uint8_t> packed, const QuantState& sta
   const std::int64_t n = state.numel();
   const std::int64_t blocksize = state.blocksize;
   visit_quant_type(state.quant_type, [&]<class Q>(Q) {
+    float code_values[16];
+    for (std::uint8_t code = 0; code < 16; ++code) code_values[code] = Q::decode(code);
     const auto dequantize_blocks = [&](std::int64_t first_block, std::int64_t last_block) {
       Out values[16];
       for (std::int64_t block = first_block; block < last_block; ++block) {
         const float scale = state.block_absmax(block);
-        for (std::uint8_t code = 0; code < 16; ++code) values[code] = from_float<Out>(Q::decode(code) * scale);
         const std::int64_t begin = block * blocksize;
         const std::int64_t length = std::min(blocksize, n - begin);
         const std::uint8_t* bytes = packed.data() + begin / 2;
         Out* destination = out.data() + begin;
+#if QLORA_HAS_SSSE3_DISPATCH
+        if constexpr (std::is_same_v<Out, bf16>) {
+          if (detail::cpu_has_ssse3()) {
+            detail::dequantize_block_bf16_ssse3(code_values, scale, bytes, length / 2,
+                                                reinterpret_cast<std::uint16_t*>(destination));
+            if (length % 2 != 0) destination[length - 1] = from_float<Out>(code_values[bytes[length / 2] >> 4] * scale);
+            continue;
+          }
+        }
+#endif
+        for (std::uint8_t code = 0; code < 16; ++code) values[code] = from_float<Out>(code_values[code] * scale);
         if constexpr (sizeof(Out) == 2) {  // bf16 / fp16: table lookups on the raw 16-bit patterns
           const auto* table = reinterpret_cast<const std::uint16_t*>(values);
           detail::expand_nibbles(bytes, length / 2, table, reinterpret_cast<std::uint16_t*>(destination));
