@@ -19,7 +19,6 @@ Re-create everything with one command from the repository root:
 
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -36,16 +35,15 @@ import safetensors.torch
 import torch
 from huggingface_hub import save_torch_state_dict
 
+import _refcommon as rc
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 OUT = ROOT / "tests" / "data" / "io"
 CORPUS = ROOT / "fuzz" / "corpus" / "safetensors"
 
 VERSIONS = {
     "script": "tests/reference/safetensors_fixtures.py",
-    "python": platform.python_version(),
-    "safetensors": safetensors.__version__,
-    "torch": torch.__version__,
-    "numpy": np.__version__,
+    **rc.versions(),
     "huggingface_hub": huggingface_hub.__version__,
 }
 
@@ -259,17 +257,19 @@ def unaligned_file():
 def state_dict_for_sharding():
     # Byte sizes with max_shard_size=64: 32, 16, 80 (> 64: its own shard, which huggingface_hub
     # appends *before* the shard being filled), 24 (32+16+24 > 64: new shard), 0, 12, 16,
-    # 16 (24+0+12+16+16 > 64: new shard), 5.  Each tensor is cloned so that its storage holds
-    # exactly its own bytes (huggingface_hub sizes tensors by storage).
-    g = torch.Generator().manual_seed(0)
+    # 16 (24+0+12+16+16 > 64: new shard), 5.  Each tensor owns its storage, which holds exactly
+    # its own bytes (huggingface_hub sizes tensors by storage). Values: the project's splitmix64.
+    def normal(seed, *shape):
+        return torch.from_numpy(rc.normalish(int(np.prod(shape)), seed)).reshape(shape)
+
     return {
-        "model.embed.weight": torch.randn(4, 2, generator=g).clone(),
-        "model.layers.0.w": torch.randn(8, generator=g).to(torch.bfloat16).clone(),
-        "model.layers.0.big": torch.randn(20, generator=g).clone(),
-        "model.layers.1.w": torch.randn(12, generator=g).to(torch.float16).clone(),
+        "model.embed.weight": normal(1, 4, 2),
+        "model.layers.0.w": normal(2, 8).to(torch.bfloat16),
+        "model.layers.0.big": normal(3, 20),
+        "model.layers.1.w": normal(4, 12).to(torch.float16),
         "model.zero": torch.zeros(0),
-        "model.norm.bias": torch.randn(3, generator=g).clone(),
-        "lm_head.weight": torch.randn(4, generator=g).clone(),
+        "model.norm.bias": normal(5, 3),
+        "lm_head.weight": normal(6, 4),
         "model.layers.1.b": torch.tensor([-1, 2], dtype=torch.int64),
         "model.straße": torch.arange(5, dtype=torch.uint8),
     }
@@ -606,6 +606,9 @@ def main():
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=True) + "\n")
     (OUT / "cases.json").write_text(json.dumps(cases_json(), indent=1, ensure_ascii=True) + "\n")
     fuzz_corpus(files)
+    for path in list(OUT.rglob("*")) + list(CORPUS.rglob("*")):
+        if path.is_file():
+            path.chmod(0o644)  # safetensors creates its files 0600
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT} ({total} bytes) and {CORPUS}")
     assert total < 200_000, "fixtures must stay small"
