@@ -12,7 +12,10 @@
 
 #include "support/splitmix.hpp"
 
+#include "support/bits.hpp"
+
 using namespace qlora;
+using test::bits_of;
 
 namespace {
 
@@ -29,14 +32,6 @@ std::vector<T> converted(const std::vector<float>& values) {
   return out;
 }
 
-template <class T>
-std::uint32_t bits_of(T value) {
-  if constexpr (std::is_same_v<T, float>) {
-    return std::bit_cast<std::uint32_t>(value);
-  } else {
-    return value.bits;
-  }
-}
 
 }  // namespace
 

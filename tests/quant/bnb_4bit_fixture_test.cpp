@@ -15,7 +15,10 @@
 
 #include <qlora/io/safetensors_reader.hpp>
 
+#include "support/bits.hpp"
+
 using namespace qlora;
+using test::bits_of;
 
 namespace {
 
@@ -38,14 +41,6 @@ std::vector<Case> cases_of(const SafetensorsReader& reader) {
   return cases;
 }
 
-template <class T>
-std::uint32_t bits_of(T value) {
-  if constexpr (std::is_same_v<T, float>) {
-    return std::bit_cast<std::uint32_t>(value);
-  } else {
-    return value.bits;
-  }
-}
 
 /// The QuantState a reader builds from the stored tensors.
 QuantState stored_state(const SafetensorsReader& r, const Case& c, DType dtype) {
@@ -75,8 +70,7 @@ void check_case(const SafetensorsReader& r, const Case& c, Tally& tally) {
   const auto plain = quantize_4bit<Q, T>(input, c.shape, {.blocksize = c.blocksize, .double_quant = false, .threads = 2});
   REQUIRE(plain.packed == expected_packed);
   REQUIRE(plain.packed == quantize_4bit_ref<Q, T>(input, c.shape, {.blocksize = c.blocksize}).packed);
-  CHECK(std::ranges::equal(Q::quant_map, r.read<float>(c.name + ".quant_map"),
-                           [](float a, float b) { return std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b); }));
+  CHECK(test::same_bits(Q::quant_map, r.read<float>(c.name + ".quant_map")));
 
   const QuantState stored = stored_state(r, c, dtype_of_v<T>);
   if (!c.nested) {
@@ -94,9 +88,7 @@ void check_case(const SafetensorsReader& r, const Case& c, Tally& tally) {
     const NestedAbsmax& expected = *stored.nested;
     const NestedAbsmax from_their_offset = double_quantize(plain.state.absmax, expected.offset, signed_dynamic_map);
     CHECK(from_their_offset.codes == expected.codes);
-    CHECK(std::ranges::equal(from_their_offset.absmax, expected.absmax, [](float a, float b) {
-      return std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b);
-    }));
+    CHECK(test::same_bits(from_their_offset.absmax, expected.absmax));
     CHECK(std::ranges::equal(signed_dynamic_map, expected.code_map));
     const auto ours = quantize_4bit<Q, T>(input, c.shape, {.blocksize = c.blocksize, .double_quant = true, .threads = 2});
     const float their_offset = expected.offset;
