@@ -16,6 +16,18 @@
 #define QLORA_HOST inline
 #endif
 
+// fmt 9 switches its constexpr code off for every nvcc (FMT_USE_CONSTEXPR 0),
+// which leaves its C++20 consteval format-string checks calling non-constexpr
+// functions: every fmt::format call in a header fails to compile under nvcc
+// (and, as a side effect, std::span's range constructor stops matching).
+// nvcc 12+ compiles fmt's constexpr code, so turn it back on -- as g++ TUs
+// have it -- before any fmt header. It must precede the first fmt include of
+// the TU, so qlora headers include this file first (a TU that includes fmt
+// itself before any qlora header must define FMT_USE_CONSTEXPR=1 under nvcc).
+#if defined(__NVCC__) && !defined(FMT_USE_CONSTEXPR)
+#define FMT_USE_CONSTEXPR 1
+#endif
+
 #if defined(__CUDA_ARCH__)
 #define QLORA_IN_DEVICE_CODE 1
 #else

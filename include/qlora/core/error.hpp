@@ -5,6 +5,8 @@
 // ("while loading model.safetensors: ...").
 #pragma once
 
+#include <qlora/config.hpp>  // first: it prepares fmt for nvcc
+
 #include <fmt/format.h>
 
 #include <stdexcept>

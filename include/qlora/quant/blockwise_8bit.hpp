@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <qlora/config.hpp>
+#include <qlora/core/detail/float_ops.hpp>
 #include <qlora/core/error.hpp>
 
 namespace qlora {
@@ -49,16 +50,16 @@ inline std::vector<std::uint8_t> build_code_lut(std::span<const float, 256> code
 }
 
 /// The bin of a normalized value: (clamp(v) + 1) * 0.5 * 65535 + 0.5,
-/// truncated, each operation rounded to float32 on its own. The double
-/// intermediates keep that true whatever FMA contraction the compiler does.
+/// truncated, each operation rounded to float32 on its own, whatever FMA
+/// contraction the compiler does (detail::mul_rn / detail::add_rn).
 /// Host-device: the CUDA double-quantization kernel calls it too
 /// (cuda/kernel/quantize_4bit.cuh), so it uses no std:: algorithm; the
 /// clamp is std::clamp's exact rule (a NaN passes through).
 QLORA_HOST_DEVICE std::uint16_t lut_bin(float normalized) noexcept {
   const float v = normalized < -1.0f ? -1.0f : (1.0f < normalized ? 1.0f : normalized);
-  const float half = (v + 1.0f) * 0.5f;
-  const auto scaled = static_cast<float>(static_cast<double>(half) * double{lut_bins - 1});
-  return static_cast<std::uint16_t>(static_cast<float>(static_cast<double>(scaled) + 0.5));
+  const float half = (v + 1.0f) * 0.5f;  // halving is exact: fused or not, the same bits
+  const float scaled = detail::mul_rn(half, static_cast<float>(lut_bins - 1));
+  return static_cast<std::uint16_t>(detail::add_rn(scaled, 0.5f));
 }
 
 }  // namespace detail

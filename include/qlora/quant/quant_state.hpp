@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <qlora/config.hpp>
+#include <qlora/core/detail/float_ops.hpp>
 #include <qlora/core/dtype.hpp>
 #include <qlora/core/error.hpp>
 #include <qlora/quant/quant_policy.hpp>
@@ -29,13 +30,12 @@ inline constexpr std::int64_t nested_blocksize = 256;
 
 /// Rebuilds one block's absmax from its nested code exactly as bitsandbytes
 /// does (dequantize_blockwise, then `absmax += offset` as a separate float32
-/// op): fl32(fl32(map[code] * absmax2) + offset), two roundings. The double
-/// intermediates make each step correctly rounded whatever the compiler's
-/// FMA-contraction setting (a float product is exact in double, and double
-/// has more than 2*24+2 bits, so rounding the double sum to float is exact).
+/// op): fl32(fl32(map[code] * absmax2) + offset), two roundings, on every
+/// compiler and in CUDA device code: detail::mul_rn / detail::add_rn are never
+/// fused into an FMA (core/detail/float_ops.hpp says why plain or double
+/// arithmetic is not enough).
 QLORA_HOST_DEVICE float rebuild_nested_absmax(float map_value, float absmax2, float offset) noexcept {
-  const auto product = static_cast<float>(static_cast<double>(map_value) * static_cast<double>(absmax2));
-  return static_cast<float>(static_cast<double>(product) + static_cast<double>(offset));
+  return detail::add_rn(detail::mul_rn(map_value, absmax2), offset);
 }
 
 /// The second level of double quantization (bitsandbytes' `state2` + `offset`).
