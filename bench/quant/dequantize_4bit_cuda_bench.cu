@@ -20,23 +20,16 @@
 
 #include <benchmark/benchmark.h>
 
+#include "support/layer_shapes.hpp"
+
 #include <cstdio>
 #include <cstdlib>
-#include <random>
 #include <vector>
 
 namespace {
 
 using namespace qlora;
 namespace qcuda = qlora::cuda;  // `cuda::` alone is ambiguous with CCCL's ::cuda under `using namespace qlora`
-
-std::vector<bf16> random_weight(std::int64_t rows, std::int64_t cols) {
-  std::mt19937 generator(1234);
-  std::normal_distribution<float> normal(0.0f, 0.02f);
-  std::vector<bf16> weight(static_cast<std::size_t>(rows * cols));
-  for (auto& value : weight) value = bf16::from_float(normal(generator));
-  return weight;
-}
 
 /// Start/stop events for the operation and the baseline copy.
 class EventTimer {
@@ -112,7 +105,7 @@ void dequantize_nf4_cuda(benchmark::State& state) {
   const std::int64_t rows = state.range(0), cols = state.range(1);
   const bool nested = state.range(2) != 0;
   const cudaStream_t stream = nullptr;
-  const auto weight = random_weight(rows, cols);
+  const auto weight = bench::random_weight(rows, cols);
   const qcuda::DeviceBuffer<bf16> device_weight = qcuda::to_device(std::span<const bf16>(weight), stream);
   const qcuda::DeviceQuantized4bit q = qcuda::quantize_4bit<NF4, bf16>(
       std::span<const bf16>(device_weight.data(), device_weight.size()), {rows, cols},
@@ -128,7 +121,7 @@ void quantize_nf4_cuda(benchmark::State& state) {
   const cudaStream_t stream = nullptr;
   const std::int64_t n = rows * cols, blocksize = 64;
   const std::int64_t blocks = n / blocksize, nested_blocks = (blocks + 255) / 256;
-  const auto weight = random_weight(rows, cols);
+  const auto weight = bench::random_weight(rows, cols);
   const qcuda::DeviceBuffer<bf16> input = qcuda::to_device(std::span<const bf16>(weight), stream);
   qcuda::DeviceBuffer<std::uint8_t> packed(static_cast<std::size_t>(n / 2), stream);
   qcuda::DeviceBuffer<float> absmax(static_cast<std::size_t>(blocks), stream);
@@ -148,16 +141,8 @@ void quantize_nf4_cuda(benchmark::State& state) {
   qcuda::check_quantize_status(status.data(), input.data(), stream);
 }
 
-void layer_shapes(benchmark::internal::Benchmark* b) {
-  for (const auto nested : {0, 1}) {
-    b->Args({4096, 4096, nested});
-    b->Args({2560, 10240, nested});
-  }
-  b->ArgNames({"rows", "cols", "nested"})->UseManualTime()->Unit(benchmark::kMicrosecond);
-}
-
-BENCHMARK(dequantize_nf4_cuda)->Apply(layer_shapes);
-BENCHMARK(quantize_nf4_cuda)->Apply(layer_shapes);
+BENCHMARK(dequantize_nf4_cuda)->Apply([](auto* b) { bench::layer_shapes(b, benchmark::kMicrosecond); });
+BENCHMARK(quantize_nf4_cuda)->Apply([](auto* b) { bench::layer_shapes(b, benchmark::kMicrosecond); });
 
 }  // namespace
 
