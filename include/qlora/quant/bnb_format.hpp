@@ -227,7 +227,8 @@ class Bnb4bitTensors {
     quantized.state.validate(quantized.packed.size());
   }
 
-  void add_to(SafetensorsWriter& writer) const {
+  /// Adds the tensors (views into this object and the Quantized4bit) to `writer`.
+  void add_to(SafetensorsWriter& writer) const& {
     const QuantState& state = quantized_->state;
     const auto bytes = [](const auto& range) { return std::as_bytes(std::span(range)); };
     writer.add(keys_.weight, DType::U8, {static_cast<std::int64_t>(quantized_->packed.size()), 1}, bytes(quantized_->packed));
@@ -243,6 +244,8 @@ class Bnb4bitTensors {
     }
     writer.add(keys_.quant_state, DType::U8, {static_cast<std::int64_t>(json_.size())}, std::as_bytes(std::span(json_)));
   }
+  /// A temporary would die before the writer writes the JSON it views: keep the object alive.
+  void add_to(SafetensorsWriter& writer) const&& = delete;
 
  private:
   Bnb4bitKeys keys_;
