@@ -106,6 +106,9 @@ TEST_CASE("malformed bnb-4bit tensors give named errors") {
   CHECK(error_code([](Quantized4bit&, std::string& j) { j.replace(j.find("[3, 64]"), 7, "[3, 65]"); }) == "BnbFormat");
   CHECK(error_code([](Quantized4bit&, std::string& j) { j.replace(j.find("[3, 64]"), 7, "[-3, 64]"); }) == "BnbFormat");
   CHECK(error_code([](Quantized4bit&, std::string& j) { j.replace(j.find("float32"), 7, "float64"); }) == "BnbFormat");
+  CHECK(error_code([](Quantized4bit&, std::string& j) {
+          j.replace(j.find("[3, 64]"), 7, "[4294967296, 4294967296]");
+        }) == "BnbFormat");
   CHECK(error_code([](Quantized4bit&, std::string& j) { j.replace(j.find("\"nf4\""), 5, "\"fp4\""); }) == "BnbFormat");
 }
 

@@ -68,31 +68,10 @@ struct DeviceQuantized4bit {
   /// Throws a named Error unless the buffers' sizes agree with the shape and
   /// blocksize (QuantState::validate's checks, for device buffers).
   void validate() const {
-    check(!shape.empty(), "QuantStateMismatch", "device quant state has an empty shape");
-    for (const auto extent : shape) {
-      check(extent > 0, "QuantStateMismatch", "device quant state shape has a non-positive extent {}", extent);
-    }
-    check(is_valid_4bit_blocksize(blocksize), "InvalidBlocksize",
-          "device quant state blocksize {} is not a power of two in [32, 4096]", blocksize);
-    check(static_cast<std::int64_t>(packed.size()) == packed_bytes(), "QuantStateMismatch",
-          "device packed data has {} bytes, shape needs {} ((numel + 1) / 2 with numel {})", packed.size(),
-          packed_bytes(), numel());
-    const auto blocks = static_cast<std::size_t>(block_count());
-    if (!nested) {
-      check(absmax.size() == blocks, "QuantStateMismatch", "device absmax has {} entries, expected {} blocks",
-            absmax.size(), blocks);
-      return;
-    }
-    check(absmax.empty(), "QuantStateMismatch", "a nested device quant state must not also carry float absmax");
-    check(nested_codes.size() == blocks, "QuantStateMismatch",
-          "device nested absmax codes have {} entries, expected {} blocks", nested_codes.size(), blocks);
-    const auto nested_blocks = (blocks + nested_blocksize - 1) / nested_blocksize;
-    check(nested_absmax.size() == nested_blocks, "QuantStateMismatch",
-          "device nested_absmax has {} entries, expected {} (one per {} blocks)", nested_absmax.size(),
-          nested_blocks, nested_blocksize);
-    check(nested_code_map.size() == 256, "QuantStateMismatch",
-          "device nested_quant_map has {} entries, expected 256", nested_code_map.size());
-    check(nested_offset.size() == 1, "QuantStateMismatch", "device nested_offset has {} entries, expected 1",
+    qlora::detail::validate_quant_layout({shape, blocksize, packed.size(), nested, absmax.size(), nested_codes.size(),
+                                   nested_absmax.size(), nested_code_map.size()},
+                                  "device quant state");
+    check(!nested || nested_offset.size() == 1, "QuantStateMismatch", "device nested_offset has {} entries, expected 1",
           nested_offset.size());
   }
 

@@ -41,9 +41,10 @@ namespace detail {
 /// `element_count` elements and the blocksize must be one bitsandbytes allows.
 template <FourBitCodebook Q, FloatStorage T>
 QuantState new_quant_state(std::size_t element_count, std::vector<std::int64_t> shape, std::int64_t blocksize) {
-  check(!shape.empty(), "ShapeMismatch", "quantize_4bit needs a shape with at least one dimension");
-  for (const auto extent : shape) {
-    check(extent > 0, "ShapeMismatch", "quantize_4bit: shape extent {} is not positive", extent);
+  try {
+    detail::checked_element_count(shape, "quantize_4bit");
+  } catch (const Error& e) {
+    throw Error("ShapeMismatch", e.message());
   }
   QuantState state{quant_type_of<Q>, blocksize, dtype_of_v<T>, std::move(shape), {}, std::nullopt};
   check(is_valid_4bit_blocksize(blocksize), "InvalidBlocksize",

@@ -194,8 +194,10 @@ Quantized4bit read_bnb_4bit(const Source& source, std::string_view weight_name) 
 
   check(is_valid_4bit_blocksize(state.blocksize), "InvalidBlocksize", "`{}`: blocksize {} is not a power of two in [32, 4096]",
         keys.quant_state, state.blocksize);
-  for (const auto extent : state.shape) {
-    check(extent > 0, "BnbFormat", "`{}`: shape extent {} is not positive", keys.quant_state, extent);
+  try {
+    detail::checked_element_count(state.shape, keys.quant_state);
+  } catch (const Error& e) {
+    throw Error("BnbFormat", e.message());
   }
   const auto blocks = static_cast<std::size_t>(state.block_count());
   if (state.nested) {

@@ -10,6 +10,7 @@
 #include <numeric>
 #include <optional>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include <qlora/config.hpp>
@@ -37,6 +38,60 @@ inline constexpr std::int64_t nested_blocksize = 256;
 QLORA_HOST_DEVICE float rebuild_nested_absmax(float map_value, float absmax2, float offset) noexcept {
   return detail::add_rn(detail::mul_rn(map_value, absmax2), offset);
 }
+
+namespace detail {
+
+/// The element count of `shape`, refusing empty shapes, non-positive extents
+/// and products that overflow int64 (a hostile checkpoint's shape must not
+/// turn into undefined behaviour or a wrapped size).
+inline std::int64_t checked_element_count(std::span<const std::int64_t> shape, std::string_view what) {
+  check(!shape.empty(), "QuantStateMismatch", "{}: empty shape", what);
+  std::int64_t count = 1;
+  for (const auto extent : shape) {
+    check(extent > 0, "QuantStateMismatch", "{}: shape extent {} is not positive", what, extent);
+    check(!__builtin_mul_overflow(count, extent, &count), "QuantStateMismatch", "{}: shape overflows 64-bit element counts",
+          what);
+  }
+  return count;
+}
+
+/// The sizes that must agree for a 4-bit tensor, wherever its buffers live
+/// (QuantState on the host, cuda::DeviceQuantized4bit on a GPU).
+struct QuantLayout {
+  std::span<const std::int64_t> shape;
+  std::int64_t blocksize;
+  std::size_t packed_bytes;
+  bool nested;
+  std::size_t absmax_count, nested_codes_count, nested_absmax_count, code_map_count;
+};
+
+/// Throws a named Error (QuantStateMismatch, InvalidBlocksize) unless the
+/// sizes of `layout` agree with its shape and blocksize; `what` names the state.
+inline void validate_quant_layout(const QuantLayout& layout, std::string_view what) {
+  const std::int64_t n = checked_element_count(layout.shape, what);
+  check(is_valid_4bit_blocksize(layout.blocksize), "InvalidBlocksize",
+        "{}: blocksize {} is not a power of two in [32, 4096]", what, layout.blocksize);
+  check(layout.packed_bytes == static_cast<std::size_t>((n + 1) / 2), "QuantStateMismatch",
+        "{}: packed data has {} bytes, shape needs {} ((numel + 1) / 2 with numel {})", what, layout.packed_bytes,
+        (n + 1) / 2, n);
+  const auto blocks = static_cast<std::size_t>((n + layout.blocksize - 1) / layout.blocksize);
+  if (!layout.nested) {
+    check(layout.absmax_count == blocks, "QuantStateMismatch", "{}: absmax has {} entries, expected {} blocks", what,
+          layout.absmax_count, blocks);
+    return;
+  }
+  check(layout.absmax_count == 0, "QuantStateMismatch", "{}: a nested state must not also carry float absmax", what);
+  check(layout.nested_codes_count == blocks, "QuantStateMismatch",
+        "{}: nested absmax codes have {} entries, expected {} blocks", what, layout.nested_codes_count, blocks);
+  const auto nested_blocks = (blocks + nested_blocksize - 1) / nested_blocksize;
+  check(layout.nested_absmax_count == nested_blocks, "QuantStateMismatch",
+        "{}: nested_absmax has {} entries, expected {} (one per {} blocks)", what, layout.nested_absmax_count,
+        nested_blocks, nested_blocksize);
+  check(layout.code_map_count == 256, "QuantStateMismatch", "{}: nested_quant_map has {} entries, expected 256", what,
+        layout.code_map_count);
+}
+
+}  // namespace detail
 
 /// The second level of double quantization (bitsandbytes' `state2` + `offset`).
 struct NestedAbsmax {
@@ -76,32 +131,12 @@ struct QuantState {
   /// and with `packed_size` bytes of packed data. Called before any
   /// dequantization, so a mismatched state never reads out of bounds.
   void validate(std::size_t packed_size) const {
-    check(!shape.empty(), "QuantStateMismatch", "quant state has an empty shape");
-    for (const auto extent : shape) {
-      check(extent > 0, "QuantStateMismatch", "quant state shape has a non-positive extent {}", extent);
-    }
-    check(is_valid_4bit_blocksize(blocksize), "InvalidBlocksize",
-          "quant state blocksize {} is not a power of two in [32, 4096]", blocksize);
     check(dtype == DType::F32 || dtype == DType::F16 || dtype == DType::BF16, "QuantStateMismatch",
           "quant state dtype {} is not F32, F16 or BF16", dtype_name(dtype));
-    check(static_cast<std::int64_t>(packed_size) == packed_bytes(), "QuantStateMismatch",
-          "packed data has {} bytes, shape needs {} ((numel + 1) / 2 with numel {})", packed_size,
-          packed_bytes(), numel());
-    const auto blocks = static_cast<std::size_t>(block_count());
-    if (!nested) {
-      check(absmax.size() == blocks, "QuantStateMismatch", "absmax has {} entries, expected {} blocks",
-            absmax.size(), blocks);
-      return;
-    }
-    check(absmax.empty(), "QuantStateMismatch", "a nested quant state must not also carry float absmax");
-    check(nested->codes.size() == blocks, "QuantStateMismatch",
-          "nested absmax codes have {} entries, expected {} blocks", nested->codes.size(), blocks);
-    const auto nested_blocks = (blocks + nested_blocksize - 1) / nested_blocksize;
-    check(nested->absmax.size() == nested_blocks, "QuantStateMismatch",
-          "nested_absmax has {} entries, expected {} (one per {} blocks)", nested->absmax.size(),
-          nested_blocks, nested_blocksize);
-    check(nested->code_map.size() == 256, "QuantStateMismatch", "nested_quant_map has {} entries, expected 256",
-          nested->code_map.size());
+    detail::validate_quant_layout({shape, blocksize, packed_size, nested.has_value(), absmax.size(),
+                                   nested ? nested->codes.size() : 0, nested ? nested->absmax.size() : 0,
+                                   nested ? nested->code_map.size() : 0},
+                                  "quant state");
   }
 };
 
