@@ -67,24 +67,22 @@ inline void expand_nibbles_scalar(const std::uint8_t* bytes, std::int64_t byte_c
                                                                  std::uint16_t* out) noexcept {
   const __m128 scale4 = _mm_set1_ps(scale);
   const __m128i one = _mm_set1_epi32(1), bias = _mm_set1_epi32(0x7FFF);
-  __m128i table_low = _mm_setzero_si128(), table_high = _mm_setzero_si128();
+  // Bytes 2 and 3 of each lane are the bf16's low and high byte: gather the
+  // four low bytes into bytes 0-3 and the four high bytes into bytes 4-7.
+  const __m128i gather = _mm_setr_epi8(2, 6, 10, 14, 3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  __m128i quarters[4];
   for (int quarter = 0; quarter < 4; ++quarter) {
     const __m128 product = _mm_mul_ps(_mm_loadu_ps(code_values + 4 * quarter), scale4);
     const __m128i u = _mm_castps_si128(product);
     const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), one);
     const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(product, product));
     const __m128i rounded = _mm_or_si128(_mm_add_epi32(_mm_add_epi32(u, bias), lsb), nan);
-    // Bytes 2 and 3 of each lane are the bf16's low and high byte; move them
-    // to positions 4*quarter .. 4*quarter+3 of the tables.
-    alignas(16) std::int8_t pick_low[16], pick_high[16];
-    for (int i = 0; i < 16; ++i) pick_low[i] = pick_high[i] = -1;  // -1: pshufb writes zero
-    for (int lane = 0; lane < 4; ++lane) {
-      pick_low[4 * quarter + lane] = static_cast<std::int8_t>(4 * lane + 2);
-      pick_high[4 * quarter + lane] = static_cast<std::int8_t>(4 * lane + 3);
-    }
-    table_low = _mm_or_si128(table_low, _mm_shuffle_epi8(rounded, _mm_load_si128(reinterpret_cast<const __m128i*>(pick_low))));
-    table_high = _mm_or_si128(table_high, _mm_shuffle_epi8(rounded, _mm_load_si128(reinterpret_cast<const __m128i*>(pick_high))));
+    quarters[quarter] = _mm_shuffle_epi8(rounded, gather);
   }
+  const __m128i codes_0_to_7 = _mm_unpacklo_epi32(quarters[0], quarters[1]);    // lo 0-3, lo 4-7, hi 0-3, hi 4-7
+  const __m128i codes_8_to_15 = _mm_unpacklo_epi32(quarters[2], quarters[3]);   // lo 8-11, lo 12-15, hi 8-11, hi 12-15
+  const __m128i table_low = _mm_unpacklo_epi64(codes_0_to_7, codes_8_to_15);
+  const __m128i table_high = _mm_unpackhi_epi64(codes_0_to_7, codes_8_to_15);
   const __m128i nibble_mask = _mm_set1_epi8(0x0F);
   std::int64_t k = 0;
   for (; k + 16 <= byte_count; k += 16) {
