@@ -19,6 +19,7 @@
 namespace {
 
 using namespace qlora;
+using test::error_of;
 namespace qcuda = qlora::cuda;  // `cuda::` alone is ambiguous with CCCL's ::cuda under `using namespace qlora`
 using qlora::test::describe_mismatch;
 using qlora::test::splitmix64;
@@ -31,16 +32,6 @@ std::vector<std::int64_t> awkward_sizes(std::int64_t blocksize) {
           300 * blocksize};
 }
 
-template <class F>
-Error error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& error) {
-    return error;
-  }
-  FAIL("expected a qlora::Error");
-  throw std::logic_error("unreachable");
-}
 
 /// GPU (host-data convenience path) and CPU reference outputs must be bit-identical.
 template <class Out>

@@ -21,6 +21,7 @@
 namespace {
 
 using namespace qlora;
+using test::error_of;
 namespace qcuda = qlora::cuda;  // `cuda::` alone is ambiguous with CCCL's ::cuda under `using namespace qlora`
 using qlora::test::describe_mismatch;
 using qlora::test::test_values;
@@ -53,17 +54,6 @@ std::vector<std::int64_t> awkward_sizes(std::int64_t blocksize) {
   return sizes;
 }
 
-/// Runs `f` and returns the qlora::Error it throws (fails the test if none).
-template <class F>
-Error error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& error) {
-    return error;
-  }
-  FAIL("expected a qlora::Error");
-  throw std::logic_error("unreachable");
-}
 
 }  // namespace
 

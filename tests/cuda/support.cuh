@@ -14,9 +14,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include <catch2/catch.hpp>
 #include <fmt/format.h>
 
 #include <qlora/core/dtype.hpp>
@@ -117,6 +119,18 @@ std::vector<T> test_values(std::int64_t n, std::int64_t blocksize, std::uint64_t
     values[static_cast<std::size_t>(i)] = from_float<T>(value);
   }
   return values;
+}
+
+/// Runs `f` and returns the qlora::Error it throws (fails the test if none).
+template <class F>
+qlora::Error error_of(F&& f) {
+  try {
+    f();
+  } catch (const qlora::Error& error) {
+    return error;
+  }
+  FAIL("expected a qlora::Error");
+  throw std::logic_error("unreachable");
 }
 
 }  // namespace qlora::test
