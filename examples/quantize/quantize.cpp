@@ -179,9 +179,10 @@ int run(const Tensors& tensors, const Options& options) {
     const Quantized4bit reloaded = read_bnb_4bit(written, tensor->name);
     std::vector<float> restored(static_cast<std::size_t>(reloaded.state.numel()));
     dequantize_4bit<float>(reloaded.packed, reloaded.state, std::span<float>(restored), options.threads);
+    const std::vector<float> original = to_floats(*tensor);
     ErrorStats stats;
-    stats.add(to_floats(*tensor), restored);
-    total.add(to_floats(*tensor), restored);
+    stats.add(original, restored);
+    total.add(original, restored);
     fmt::print("{:<52} {:>14} {:>10.4f} {:>10.3g}\n", tensor->name, fmt::format("{}x{}", tensor->shape[0], tensor->shape[1]),
                stats.relative_rms(), stats.max_abs_error);
     original_bytes += tensor->data.size();

@@ -84,8 +84,9 @@ inline Quantized8bit quantize_blockwise_8bit(std::span<const float> input, std::
     if (absmax == 0.0f) continue;  // codes stay 0, as bitsandbytes writes them
     const float inverse = 1.0f / absmax;
     for (std::int64_t i = begin; i < end; ++i) {
-      const auto product = static_cast<float>(static_cast<double>(input[static_cast<std::size_t>(i)]) * inverse);
-      result.codes[static_cast<std::size_t>(i)] = lut[detail::lut_bin(product)];
+      // Rounded on its own, as bitsandbytes does, before lut_bin adds 1.
+      const float normalized = detail::mul_rn(input[static_cast<std::size_t>(i)], inverse);
+      result.codes[static_cast<std::size_t>(i)] = lut[detail::lut_bin(normalized)];
     }
   }
   return result;

@@ -190,7 +190,7 @@ Quantized4bit read_bnb_4bit(const Source& source, std::string_view weight_name) 
   check(weight != nullptr, "BnbFormat", "missing tensor `{}`", keys.weight);
   // Any quant_storage dtype views the same bytes.
   std::vector<std::uint8_t> packed(weight->data.size());
-  std::memcpy(packed.data(), weight->data.data(), packed.size());
+  if (!packed.empty()) std::memcpy(packed.data(), weight->data.data(), packed.size());
 
   check(is_valid_4bit_blocksize(state.blocksize), "InvalidBlocksize", "`{}`: blocksize {} is not a power of two in [32, 4096]",
         keys.quant_state, state.blocksize);
