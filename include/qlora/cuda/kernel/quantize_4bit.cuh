@@ -230,14 +230,21 @@ QLORA_DEVICE void quantize_tile(const Quantize4bitParams<T>& p, std::int64_t til
   }
 }
 
+/// This thread's warp in a grid-wide warp loop: its index and the loop stride.
+struct GridWarps {
+  std::int64_t first, stride;
+};
+QLORA_DEVICE GridWarps grid_warps() {
+  constexpr std::int64_t warps_per_cta = quantize_threads / 32;
+  return {std::int64_t{blockIdx.x} * warps_per_cta + (threadIdx.x >> 5), std::int64_t{gridDim.x} * warps_per_cta};
+}
+
 /// Nested phase 1: run r's sum in double, sequential (mean_offset's inner loop).
 template <class T>
 QLORA_DEVICE void nested_run_sums(const Quantize4bitParams<T>& p, float* warp_stage) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  const std::int64_t warps_per_cta = quantize_threads / 32;
-  const std::int64_t global_warp = std::int64_t{blockIdx.x} * warps_per_cta + (threadIdx.x >> 5);
-  const std::int64_t grid_warps = std::int64_t{gridDim.x} * warps_per_cta;
-  for (std::int64_t run = global_warp; run < p.nested_blocks; run += grid_warps) {
+  const GridWarps warps = grid_warps();
+  for (std::int64_t run = warps.first; run < p.nested_blocks; run += warps.stride) {
     const std::int64_t base = run * nested_blocksize;
     // Coalesced, L1-bypassing loads (other CTAs wrote these before the barrier).
 #pragma unroll
@@ -289,10 +296,8 @@ QLORA_DEVICE float nested_offset(const Quantize4bitParams<T>& p, double* stage, 
 template <class T>
 QLORA_DEVICE void nested_quantize(const Quantize4bitParams<T>& p, float offset) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  const std::int64_t warps_per_cta = quantize_threads / 32;
-  const std::int64_t global_warp = std::int64_t{blockIdx.x} * warps_per_cta + (threadIdx.x >> 5);
-  const std::int64_t grid_warps = std::int64_t{gridDim.x} * warps_per_cta;
-  for (std::int64_t nested_block = global_warp; nested_block < p.nested_blocks; nested_block += grid_warps) {
+  const GridWarps warps = grid_warps();
+  for (std::int64_t nested_block = warps.first; nested_block < p.nested_blocks; nested_block += warps.stride) {
     const std::int64_t base = nested_block * nested_blocksize;
     float centered[8];
     float max_magnitude = 0.0f;
