@@ -5,6 +5,7 @@
 #include <qlora/config.hpp>
 #include <qlora/core.hpp>
 #include <qlora/io.hpp>
+#include <qlora/lora.hpp>
 #include <qlora/quant.hpp>
 #include <qlora/version.hpp>
 

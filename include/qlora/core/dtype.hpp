@@ -17,6 +17,7 @@
 
 #include <qlora/config.hpp>
 #include <qlora/core/detail/bit_cast.hpp>
+#include <qlora/core/error.hpp>
 
 namespace qlora {
 
@@ -185,6 +186,19 @@ template <> struct dtype_of<std::int16_t> { static constexpr DType value = DType
 template <> struct dtype_of<bool> { static constexpr DType value = DType::BOOL; };
 template <class T>
 inline constexpr DType dtype_of_v = dtype_of<T>::value;
+
+/// Calls f(T{}) with T the FloatStorage type of `dtype` (F32, F16 or BF16);
+/// any other dtype is a DTypeMismatch naming `what`.
+template <class F>
+decltype(auto) visit_float_dtype(DType dtype, F&& f, std::string_view what = "tensor") {
+  switch (dtype) {
+    case DType::F32: return f(float{});
+    case DType::F16: return f(fp16{});
+    case DType::BF16: return f(bf16{});
+    default: break;
+  }
+  throw Error("DTypeMismatch", fmt::format("{} is {}; expected F32, F16 or BF16", what, dtype_name(dtype)));
+}
 
 namespace detail {
 constexpr bool dtype_table_matches_enum() {
