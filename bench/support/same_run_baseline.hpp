@@ -34,13 +34,18 @@ class ParallelMemcpy {
   unsigned threads_;
 };
 
-/// Runs `operation` and `baseline` alternately; reports the operation's time
-/// (manual time), `bytes_per_iteration` as bytes/s and the `vs_memcpy` ratio.
+/// Seconds spent in the operation and in the baseline over a whole run.
+struct AlternatingTimes {
+  double operation_seconds = 0.0;
+  double baseline_seconds = 0.0;
+};
+
+/// Runs `operation` and `baseline` alternately, reporting the operation's
+/// time as the iteration time (manual time); returns both totals.
 template <class Operation, class Baseline>
-void time_against_baseline(benchmark::State& state, Operation&& operation, Baseline&& baseline,
-                           std::size_t bytes_per_iteration) {
+AlternatingTimes time_alternating(benchmark::State& state, Operation&& operation, Baseline&& baseline) {
   using clock = std::chrono::steady_clock;
-  double operation_seconds = 0.0, baseline_seconds = 0.0;
+  AlternatingTimes times;
   for (auto _ : state) {
     const auto start = clock::now();
     operation();
@@ -48,12 +53,21 @@ void time_against_baseline(benchmark::State& state, Operation&& operation, Basel
     baseline();
     const auto end = clock::now();
     const double elapsed = std::chrono::duration<double>(middle - start).count();
-    operation_seconds += elapsed;
-    baseline_seconds += std::chrono::duration<double>(end - middle).count();
+    times.operation_seconds += elapsed;
+    times.baseline_seconds += std::chrono::duration<double>(end - middle).count();
     state.SetIterationTime(elapsed);
   }
+  return times;
+}
+
+/// time_alternating against a memcpy-like baseline: reports
+/// `bytes_per_iteration` as bytes/s and the `vs_memcpy` ratio.
+template <class Operation, class Baseline>
+void time_against_baseline(benchmark::State& state, Operation&& operation, Baseline&& baseline,
+                           std::size_t bytes_per_iteration) {
+  const AlternatingTimes times = time_alternating(state, operation, baseline);
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(bytes_per_iteration));
-  state.counters["vs_memcpy"] = baseline_seconds / operation_seconds;
+  state.counters["vs_memcpy"] = times.baseline_seconds / times.operation_seconds;
 }
 
 }  // namespace qlora::bench
