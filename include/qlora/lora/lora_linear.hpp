@@ -212,6 +212,7 @@ class LoraLinear<Quant, Compute, Cpu> {
           for (std::int64_t c = c0; c < c1; ++c) acc[t * width + c - c0] *= saved.dropout.factor(t * in + c);
         }
       }
+      const std::int64_t tile_rows = std::min(out, tile_rows_for(width));
       std::vector<float> tile(static_cast<std::size_t>(tile_rows * width));
       for (std::int64_t r0 = 0; r0 < out; r0 += tile_rows) {
         const std::int64_t rows = std::min(tile_rows, out - r0);
@@ -272,9 +273,14 @@ class LoraLinear<Quant, Compute, Cpu> {
   }
 
  private:
-  /// Output rows dequantized per tile: 128 rows of a 4096-wide layer are 2 MiB
-  /// of fp32, small enough to stay in L2/L3 while the GEMM streams x past it.
-  static constexpr std::int64_t tile_rows = 128;
+  /// Rows of W̃ dequantized per tile, for tiles `width` floats wide: about
+  /// 2^21 floats (8 MiB). Every GEMM call re-packs its other operand (x or
+  /// the fp32 accumulator, [T, ...]), so tiles must be large for that cost to
+  /// vanish next to the product; 8 MiB per thread is the price.
+  static std::int64_t tile_rows_for(std::int64_t width) noexcept {
+    constexpr std::int64_t tile_floats = std::int64_t{1} << 21;
+    return std::max<std::int64_t>(64, tile_floats / std::max<std::int64_t>(1, width) / 64 * 64);
+  }
 
   /// The config's rank for this layer, after checking that it fits the base (runs before A and B are sized).
   int checked_rank(const LoraConfig& config) const {
@@ -326,6 +332,7 @@ class LoraLinear<Quant, Compute, Cpu> {
     const std::int64_t in = in_features(), out = out_features();
     const float* bias = bias_ ? bias_->view().data<const float>() : nullptr;
     parallel_for(out, 64, [&](std::int64_t o0, std::int64_t o1) {
+      const std::int64_t tile_rows = std::min(o1 - o0, tile_rows_for(in));
       std::vector<float> tile(static_cast<std::size_t>(tile_rows * in));
       std::vector<float> acc(static_cast<std::size_t>(tokens * tile_rows));
       for (std::int64_t r0 = o0; r0 < o1; r0 += tile_rows) {
