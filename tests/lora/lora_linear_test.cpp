@@ -361,3 +361,37 @@ TEST_CASE("bad input: a named error saying what was expected", "[lora_linear]") 
   auto fp4 = FrozenWeight<FP4, bf16>::quantize(wb.view());
   CHECK_THROWS_WITH((FrozenWeight<NF4, bf16>(fp4.quantized())), Catch::Contains("QuantTypeMismatch"));
 }
+
+// Misuse of the policies is a constraint failure at the point of use, not an
+// error deep inside the class: these are compile-time checks.
+template <class Quant, class Compute>
+concept LayerExists = requires { typename LoraLinear<Quant, Compute>::Base; };
+static_assert(LayerExists<NF4, bf16> && LayerExists<FP4, fp16> && LayerExists<NoQuant, float>);
+static_assert(!LayerExists<int, bf16>, "a Quant that is no QuantPolicy is refused");
+static_assert(!LayerExists<NF4, double>, "a Compute that is no FloatStorage is refused");
+
+TEST_CASE("threads: one thread and many give the same layer outputs", "[lora_linear]") {
+  const std::int64_t tokens = 33, in = 300, out = 260;
+  const Tensor w = filled<bf16>({out, in}, 141, 0.02);
+  const auto make = [&](unsigned threads) {
+    LoraLinear<NF4, bf16> layer("proj", FrozenWeight<NF4, bf16>::quantize(w.view()), TensorView{}, config_with(8, 16.0),
+                                {.threads = threads});
+    set_nonzero_adapter(layer, 151);
+    return layer;
+  };
+  auto one = make(1), many = make(4);
+  const Tensor x = filled<bf16>({tokens, in}, 161, 1.0), dy = filled<bf16>({tokens, out}, 171, 1.0);
+  Tensor y1(DType::BF16, {tokens, out}), y4(DType::BF16, {tokens, out});
+  Tensor dx1(DType::BF16, {tokens, in}), dx4(DType::BF16, {tokens, in});
+  one.backward(one.forward_train(x.view(), y1.view()), dy.view(), dx1.view());
+  many.backward(many.forward_train(x.view(), y4.view()), dy.view(), dx4.view());
+  // Threads split output rows / input columns, never a sum. But Eigen's blocking (and so the order
+  // of each fp32 sum) depends on the operand sizes, which the split changes: the fp32 results may
+  // differ in the last bits, so allow one bf16 ulp where a sum lands next to a rounding boundary.
+  const auto y_1 = as_double<bf16>(y1.view()), y_4 = as_double<bf16>(y4.view());
+  for (std::size_t i = 0; i < y_1.size(); ++i) CHECK(std::abs(y_1[i] - y_4[i]) <= std::abs(y_1[i]) * 0x1p-7);
+  const auto dx_1 = as_double<bf16>(dx1.view()), dx_4 = as_double<bf16>(dx4.view());
+  for (std::size_t i = 0; i < dx_1.size(); ++i) CHECK(std::abs(dx_1[i] - dx_4[i]) <= std::abs(dx_1[i]) * 0x1p-7);
+  const auto ga1 = as_double<float>(one.grad_A()), ga4 = as_double<float>(many.grad_A());
+  for (std::size_t i = 0; i < ga1.size(); ++i) CHECK(ga1[i] == Approx(ga4[i]).epsilon(1e-5).margin(1e-6));
+}
