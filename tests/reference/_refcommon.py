@@ -10,8 +10,9 @@ Not a generator itself.  It provides:
 * ``uniform01`` / ``normalish``: floats derived from it with exact float64
   arithmetic (so they are reproducible anywhere).
 * ``versions()``: the package versions recorded in every fixture's metadata.
-* ``save(path, tensors, metadata)``: safetensors.torch.save_file wrapper that adds
-  the version keys and refuses to write files over 1 MiB.
+* ``save(path, tensors, metadata, max_bytes=MAX_FILE_BYTES)``: safetensors.torch.save_file
+  wrapper that adds the version keys and refuses to write files over ``max_bytes``
+  (1 MiB unless a script names a larger budget for one file).
 
 Developers run the generator scripts with the project's venv, e.g.
 ``.venv/bin/python tests/reference/bnb_4bit.py``.
@@ -96,10 +97,11 @@ def versions() -> dict:
     return v
 
 
-def save(path: str, tensors: dict, metadata: dict) -> int:
+def save(path: str, tensors: dict, metadata: dict, max_bytes: int = MAX_FILE_BYTES) -> int:
     """Write tensors with safetensors.torch.save_file; metadata values are str-ified.
 
-    Adds the version keys.  Returns the file size in bytes.
+    Adds the version keys.  Refuses files over ``max_bytes`` (default 1 MiB).  Returns
+    the file size in bytes.
     """
     from safetensors.torch import save_file
 
@@ -112,8 +114,8 @@ def save(path: str, tensors: dict, metadata: dict) -> int:
     _canonicalize_header(path)
     os.chmod(path, 0o644)  # safetensors creates files 0600
     size = os.path.getsize(path)
-    if size > MAX_FILE_BYTES:
-        raise SystemExit(f"{path}: {size} bytes exceeds the 1 MiB fixture limit")
+    if size > max_bytes:
+        raise SystemExit(f"{path}: {size} bytes exceeds the {max_bytes}-byte fixture limit")
     print(f"wrote {os.path.relpath(path, REPO_ROOT)} ({size} bytes, {len(tensors)} tensors)")
     return size
 

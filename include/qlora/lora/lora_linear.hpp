@@ -12,8 +12,12 @@
 // of fp32 sums):
 //   * base path: W̃ in Compute (bitsandbytes dequantizes to its compute dtype
 //     too), products accumulated in fp32;
-//   * adapter path: entirely fp32, as PEFT runs it (it casts x to the fp32
-//     adapter dtype), so dA and dB are as accurate as the fp32 reference;
+//   * adapter path: fp32 operands, as PEFT runs it (it casts x to the fp32
+//     adapter dtype), so dA and dB are as accurate as the fp32 reference.
+//     xa = drop(x)·Aᵀ and db are summed in double before one rounding to
+//     fp32: a portable build has no FMA, and with a rounding per product
+//     these two sums came out at 2-3x the error of torch's FMA-based CPU
+//     GEMM (tests/lora/lora_linear_fixture_test.cpp); they are small (T x r, T x out);
 //   * y and dx are rounded to Compute once, from the fp32 sum of base, bias
 //     and adapter parts.
 // Saved for backward (LoraActivations): x in Compute [T, in] and xa =
@@ -190,7 +194,8 @@ class LoraLinear<Quant, Compute, Cpu> {
       detail::matrix(grad_b_.span<float>().data() + o0 * rank_, o1 - o0, rank_, rank_).noalias() +=
           scaling_ * (dy_rows.transpose() * detail::matrix(saved.xa.span<const float>().data(), tokens, rank_, rank_));
       if (bias_trainable()) {
-        detail::matrix(grad_bias_->span<float>().data() + o0, 1, o1 - o0, out) += dy_rows.colwise().sum();
+        detail::matrix(grad_bias_->span<float>().data() + o0, 1, o1 - o0, out) +=
+            dy_rows.template cast<double>().colwise().sum().template cast<float>();
       }
     }, threads_);
 
@@ -302,7 +307,8 @@ class LoraLinear<Quant, Compute, Cpu> {
     }
   }
 
-  /// xa = drop(x)·Aᵀ [T, r] in fp32.
+  /// xa = drop(x)·Aᵀ [T, r], summed in double (see the header comment) in
+  /// chunks of 32 tokens so the double copy of x stays small.
   std::vector<float> adapter_down(const float* x, std::int64_t tokens, const DropoutMask& dropout) const {
     const std::int64_t in = in_features();
     std::vector<float> x_dropped;
@@ -312,9 +318,13 @@ class LoraLinear<Quant, Compute, Cpu> {
       x = x_dropped.data();
     }
     std::vector<float> xa(static_cast<std::size_t>(tokens * rank_));
-    parallel_for(tokens, 64, [&](std::int64_t t0, std::int64_t t1) {
-      detail::matrix(xa.data() + t0 * rank_, t1 - t0, rank_, rank_).noalias() =
-          detail::matrix(x + t0 * in, t1 - t0, in, in) * detail::matrix(a_data(), rank_, in, in).transpose();
+    const Eigen::MatrixXd a_double = detail::matrix(a_data(), rank_, in, in).template cast<double>();
+    parallel_for(tokens, 32, [&](std::int64_t t0, std::int64_t t1) {
+      for (std::int64_t c0 = t0; c0 < t1; c0 += 32) {
+        const std::int64_t rows = std::min<std::int64_t>(32, t1 - c0);
+        const Eigen::MatrixXd x_double = detail::matrix(x + c0 * in, rows, in, in).template cast<double>();
+        detail::matrix(xa.data() + c0 * rank_, rows, rank_, rank_) = (x_double * a_double.transpose()).template cast<float>();
+      }
     }, threads_);
     return xa;
   }
