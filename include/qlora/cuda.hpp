@@ -11,5 +11,6 @@
 
 #include <qlora/cuda/common.cuh>
 #include <qlora/cuda/dequantize_4bit.cuh>
+#include <qlora/cuda/lora_linear.cuh>
 #include <qlora/cuda/quant_state.cuh>
 #include <qlora/cuda/quantize_4bit.cuh>

@@ -9,6 +9,7 @@
 // Used by make_peft_fixture.cpp (the file peft loads) and the lora tests.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -75,7 +76,8 @@ inline PeftAdapter tiny_phi_adapter() {
     const std::uint64_t layer = index / tiny_phi_targets.size();
     const std::uint64_t seed = 1000 + 100 * layer + 10 * (index % tiny_phi_targets.size());
     ++index;
-    adapter.modules.push_back({m.path, normalish_tensor({r, m.in_features}, seed, 1.0 / std::sqrt(double(m.in_features))),
+    const double a_scale = 1.0 / std::sqrt(static_cast<double>(m.in_features));  // as Python's 1.0 / math.sqrt(in)
+    adapter.modules.push_back({m.path, normalish_tensor({r, m.in_features}, seed, a_scale),
                                normalish_tensor({m.out_features, r}, seed + 1, 0.05)});
   }
   adapter.saved_tensors.emplace_back("lm_head.weight", normalish_tensor({tiny_phi_vocab, tiny_phi_hidden}, 2000, 0.05));

@@ -24,8 +24,11 @@
 //     Compute inputs and an fp32 output (CUBLAS_COMPUTE_32F: bf16 x bf16 and
 //     fp16 x fp16 products are exact in fp32, sums are fp32; Compute = float
 //     uses CUBLAS_COMPUTE_32F_PEDANTIC, so no TF32);
-//   * adapter path: entirely fp32 (x widened and dropped out into an fp32
-//     buffer, GEMMs in CUBLAS_COMPUTE_32F_PEDANTIC);
+//   * adapter path: fp32 operands (x widened and dropped out in fp32, as
+//     PEFT casts it), GEMMs in CUBLAS_COMPUTE_32F_PEDANTIC; xa = drop(x)·Aᵀ
+//     and db are summed in double and rounded once to fp32, as the CPU does
+//     (xa: a DGEMM on the fp32 operands widened exactly to double,
+//     CUBLAS_COMPUTE_64F_PEDANTIC; db: a column-sum kernel in double);
 //   * y and dx: one rounding to Compute from the fp32 sum of base, adapter
 //     and bias, in an epilogue kernel.
 // The dropout mask is DropoutMask::factor of flat element t * in + i, the
@@ -37,10 +40,11 @@
 //   * A, B, dA, dB (fp32) and bias, db (fp32) when there is a bias;
 //   * cached workspaces, grown on demand and kept until release_workspace():
 //     the W̃ tile (Compute, tile_rows x in; 4-bit bases only), one fp32
-//     buffer of T x max(in, out) (drop(x) in fp32, then the fp32 y or dx
-//     accumulator), and one fp32 [T, r] buffer (xa of an inference forward,
-//     gb = dy·B in backward). The tile is at most max_tile_elements (default
-//     2^24: a whole 4096x4096 weight, 32 MiB of bf16).
+//     buffer of T x max(in, out) (drop(x) in fp32 or, in chunks of tokens,
+//     in double for xa; then the fp32 y or dx accumulator), one fp32 [T, r]
+//     buffer (xa of an inference forward, gb = dy·B in backward), and A and
+//     xa in double ([r, in] and [T, r]). The tile is at most
+//     max_tile_elements (default 2^24: a whole 4096x4096 weight, 32 MiB of bf16).
 // merge() also allocates, for its duration, the fp32 merged weight [out, in]
 // (the 4-bit quantizer needs the whole tensor: double quantization takes the
 // mean of all block scales) and the quantizer's outputs.
@@ -162,11 +166,13 @@ class CublasHandle {
   bool owned_ = false;
 };
 
-/// The cudaDataType cuBLAS calls T.
-template <FloatStorage T>
-inline constexpr cudaDataType_t cuda_data_type = std::is_same_v<T, float>  ? CUDA_R_32F
-                                                 : std::is_same_v<T, bf16> ? CUDA_R_16BF
-                                                                           : CUDA_R_16F;
+/// The cudaDataType cuBLAS calls T (a FloatStorage type, or double).
+template <class T>
+  requires FloatStorage<T> || std::is_same_v<T, double>
+inline constexpr cudaDataType_t cuda_data_type = std::is_same_v<T, double>  ? CUDA_R_64F
+                                                 : std::is_same_v<T, float> ? CUDA_R_32F
+                                                 : std::is_same_v<T, bf16>  ? CUDA_R_16BF
+                                                                            : CUDA_R_16F;
 
 /// A host copy of a contiguous device tensor (copied on `stream`, which is then synchronized).
 inline Tensor to_host(const TensorView& device_view, cudaStream_t stream) {
@@ -365,7 +371,7 @@ class LoraLinear<Quant, Compute, Cuda> {
     prepare_cublas();
     const Compute* g = dy.data<const Compute>();
     const auto* x = reinterpret_cast<const Compute*>(saved.x.data());
-    ensure(scratch_, element_count(tokens, std::max(in_, out_)));
+    ensure(scratch_, scratch_elements(tokens));
     ensure(small_, element_count(tokens, rank_));
     float* const scratch = scratch_.data();
     float* const gb = small_.data();
@@ -391,7 +397,7 @@ class LoraLinear<Quant, Compute, Cuda> {
     // dx = round(dy·W̃ + s·drop'(gb·A)), the fp32 sum in scratch [T, in].
     gemm<float>(false, false, tokens, in_, rank_, scaling_, gb, rank_, a_.data(), in_, 0.0f, scratch, in_);
     if (saved.dropout.active()) {
-      cuda::kernel::apply_dropout_kernel<<<elementwise_grid(tokens * in_), cuda::kernel::lora_threads, 0, stream_>>>(
+      cuda::kernel::apply_dropout_kernel<float><<<elementwise_grid(tokens * in_), cuda::kernel::lora_threads, 0, stream_>>>(
           scratch, tokens * in_, saved.dropout);
       cuda::check_launch("apply_dropout_kernel");
     }
@@ -435,15 +441,18 @@ class LoraLinear<Quant, Compute, Cuda> {
                         b_.size_bytes() + grad_a_.size_bytes() + grad_b_.size_bytes();
     return total + bias_.size_bytes() + grad_bias_.size_bytes();
   }
-  /// Device bytes of the cached workspaces (tile, fp32 accumulator, [T, r] buffer).
+  /// Device bytes of the cached workspaces (tile, fp32 accumulator, [T, r] buffers, A in double).
   [[nodiscard]] std::size_t workspace_bytes() const noexcept {
-    return tile_.size_bytes() + scratch_.size_bytes() + small_.size_bytes();
+    return tile_.size_bytes() + scratch_.size_bytes() + small_.size_bytes() + a_double_.size_bytes() +
+           xa_double_.size_bytes();
   }
   /// Frees the cached workspaces (stream-ordered); the next call reallocates them.
   void release_workspace() noexcept {
     tile_.reset();
     scratch_.reset();
     small_.reset();
+    a_double_.reset();
+    xa_double_.reset();
   }
 
  private:
@@ -561,39 +570,46 @@ class LoraLinear<Quant, Compute, Cuda> {
     QLORA_CUBLAS_CHECK(cublasSetPointerMode(cublas_.get(), CUBLAS_POINTER_MODE_HOST));
   }
 
-  /// Row-major C[m, n] = alpha·op(A)·op(B) + beta·C with fp32 C, where op(A)
-  /// is [m, k] (A stored [k, m] when transpose_a) and op(B) is [k, n] (B
-  /// stored [n, k] when transpose_b); lda/ldb/ldc are row strides. cuBLAS is
-  /// column-major, so it computes Cᵀ = op(B)ᵀ·op(A)ᵀ: operands swapped.
+  /// Row-major C[m, n] = alpha·op(A)·op(B) + beta·C, where op(A) is [m, k]
+  /// (A stored [k, m] when transpose_a) and op(B) is [k, n] (B stored [n, k]
+  /// when transpose_b); lda/ldb/ldc are row strides. cuBLAS is column-major,
+  /// so it computes Cᵀ = op(B)ᵀ·op(A)ᵀ: operands swapped.
   /// T = float runs in CUBLAS_COMPUTE_32F_PEDANTIC (true fp32, never TF32);
-  /// bf16/fp16 in CUBLAS_COMPUTE_32F (exact products, fp32 accumulation).
-  template <class T>
-  void gemm(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const T* a,
-            std::int64_t lda, const T* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) const {
+  /// bf16/fp16 in CUBLAS_COMPUTE_32F (exact products, fp32 accumulation)
+  /// with an fp32 C; T = double (C double) in CUBLAS_COMPUTE_64F_PEDANTIC.
+  template <class T, class C = std::conditional_t<std::is_same_v<T, double>, double, float>>
+  void gemm(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, C alpha, const T* a,
+            std::int64_t lda, const T* b, std::int64_t ldb, C beta, C* c, std::int64_t ldc) const {
     for (const std::int64_t extent : {m, n, k, lda, ldb, ldc}) {
       check(extent <= INT_MAX, "ShapeMismatch", "{}: a GEMM extent of {} exceeds cuBLAS's 32-bit int", path_, extent);
     }
+    constexpr bool is_double = std::is_same_v<T, double>;
+    static_assert(std::is_same_v<C, double> == is_double, "double GEMMs have a double C, all others an fp32 C");
     constexpr cudaDataType_t type = cuda::cuda_data_type<T>;
-    constexpr cublasComputeType_t compute =
-        std::is_same_v<T, float> ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
+    constexpr cudaDataType_t c_type = cuda::cuda_data_type<C>;
+    constexpr cublasComputeType_t compute = is_double                    ? CUBLAS_COMPUTE_64F_PEDANTIC
+                                            : std::is_same_v<T, float> ? CUBLAS_COMPUTE_32F_PEDANTIC
+                                                                       : CUBLAS_COMPUTE_32F;
     QLORA_CUBLAS_CHECK(cublasGemmEx(cublas_.get(), transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                                     transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
                                     static_cast<int>(k), &alpha, b, type, static_cast<int>(ldb), a, type,
-                                    static_cast<int>(lda), &beta, c, CUDA_R_32F, static_cast<int>(ldc), compute,
+                                    static_cast<int>(lda), &beta, c, c_type, static_cast<int>(ldc), compute,
                                     CUBLAS_GEMM_DEFAULT));
   }
 
-  /// out[i] = float(x[i]) · mask.factor(i) for n elements.
-  template <class T>
-  void widen(const T* x, std::int64_t n, const DropoutMask& mask, float* out) const {
-    cuda::kernel::widen_dropout_kernel<T><<<elementwise_grid(n), cuda::kernel::lora_threads, 0, stream_>>>(x, out, n, mask);
+  /// out[i] = Out(fl32(float(x[i]) · mask.factor(first + i))) for n elements.
+  template <class T, class Out>
+  void widen(const T* x, std::int64_t n, const DropoutMask& mask, Out* out, std::int64_t first = 0) const {
+    cuda::kernel::widen_dropout_kernel<T, Out><<<elementwise_grid(n), cuda::kernel::lora_threads, 0, stream_>>>(
+        x, out, n, mask, first);
     cuda::check_launch("widen_dropout_kernel");
   }
 
-  /// out = Compute(acc + bias) for a row-major [rows, cols] block (bias may be null).
-  void store_rounded(const float* acc, const float* bias, Compute* out, std::int64_t rows, std::int64_t cols) const {
+  /// out = Out(acc + bias) for a row-major [rows, cols] block (bias may be null; Acc = double: no bias).
+  template <class Acc, class Out>
+  void store_rounded(const Acc* acc, const float* bias, Out* out, std::int64_t rows, std::int64_t cols) const {
     const std::int64_t n = rows * cols;
-    cuda::kernel::store_rounded_kernel<Compute><<<elementwise_grid(n), cuda::kernel::lora_threads, 0, stream_>>>(
+    cuda::kernel::store_rounded_kernel<Out, Acc><<<elementwise_grid(n), cuda::kernel::lora_threads, 0, stream_>>>(
         acc, bias, out, n, cols);
     cuda::check_launch("store_rounded_kernel");
   }
@@ -656,17 +672,36 @@ class LoraLinear<Quant, Compute, Cuda> {
     }
   }
 
-  /// xa = drop(x)·Aᵀ [T, r] in fp32 (drop(x) in fp32 goes through the scratch buffer).
+  /// xa = drop(x)·Aᵀ [T, r]: the fp32 products summed in double, rounded
+  /// once to fp32 (the CPU rule). drop(x) is rounded in fp32, widened to
+  /// double in chunks of tokens that fit the scratch buffer (at least half of
+  /// T per chunk), and multiplied by A in double with a DGEMM.
   void adapter_down(const Compute* x, std::int64_t tokens, const DropoutMask& dropout, float* xa) const {
-    ensure(scratch_, element_count(tokens, std::max(in_, out_)));
-    widen(x, tokens * in_, dropout, scratch_.data());
-    gemm<float>(false, true, tokens, rank_, in_, 1.0f, scratch_.data(), in_, a_.data(), in_, 0.0f, xa, rank_);
+    ensure(scratch_, scratch_elements(tokens));
+    ensure(a_double_, a_.size());
+    ensure(xa_double_, element_count(tokens, rank_));
+    widen(a_.data(), rank_ * in_, DropoutMask{}, a_double_.data());
+    auto* const x_double = reinterpret_cast<double*>(scratch_.data());  // 256-byte aligned: cudaMallocAsync
+    const std::int64_t chunk = std::max<std::int64_t>(1, static_cast<std::int64_t>(scratch_.size() / 2) / in_);
+    for (std::int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+      const std::int64_t rows = std::min(chunk, tokens - t0);
+      widen(x + t0 * in_, rows * in_, dropout, x_double, t0 * in_);
+      gemm<double>(false, true, rows, rank_, in_, 1.0, x_double, in_, a_double_.data(), in_, 0.0,
+                   xa_double_.data() + t0 * rank_, rank_);
+    }
+    store_rounded(xa_double_.data(), nullptr, xa, tokens, rank_);
+  }
+
+  /// Floats in the scratch buffer: the fp32 [T, max(in, out)] accumulators,
+  /// and at least one token of drop(x) in double (2·in floats).
+  std::size_t scratch_elements(std::int64_t tokens) const {
+    return std::max(element_count(tokens, std::max(in_, out_)), element_count(2, in_));
   }
 
   /// y = round(x·W̃ᵀ + s·xa·Bᵀ + b), the fp32 sum in the scratch buffer (which
   /// adapter_down has finished reading: same stream); xa == nullptr: no adapter.
   void project(const DeviceBase& weight, const Compute* x, std::int64_t tokens, const float* xa, Compute* y) const {
-    ensure(scratch_, element_count(tokens, std::max(in_, out_)));
+    ensure(scratch_, scratch_elements(tokens));
     float* const acc = scratch_.data();
     for (std::int64_t r0 = 0; r0 < out_; r0 += tile_rows_) {
       const std::int64_t r1 = std::min(out_, r0 + tile_rows_);
@@ -756,6 +791,8 @@ class LoraLinear<Quant, Compute, Cuda> {
   mutable cuda::DeviceBuffer<Compute> tile_;    ///< W̃ rows, Compute [tile_rows, in] (4-bit bases)
   mutable cuda::DeviceBuffer<float> scratch_;   ///< fp32 [T, max(in, out)]: drop(x), then the y / dx / dy accumulator
   mutable cuda::DeviceBuffer<float> small_;     ///< fp32 [T, r]: xa (inference) or gb (backward)
+  mutable cuda::DeviceBuffer<double> a_double_;   ///< A in double [r, in], for xa
+  mutable cuda::DeviceBuffer<double> xa_double_;  ///< xa in double [T, r], before its rounding
 };
 
 }  // namespace qlora

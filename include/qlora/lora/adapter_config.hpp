@@ -136,18 +136,26 @@ struct CarriedField {
   std::string_view default_json;
 };
 inline constexpr CarriedField carried_lora_fields[] = {
-    {"auto_mapping", "null"},      {"corda_config", "null"},  {"ensure_weight_tying", "false"},
-    {"eva_config", "null"},        {"loftq_config", "{}"},    {"lora_ga_config", "null"},
-    {"megatron_core", "\"megatron.core\""}, {"qalora_group_size", "16"},
+    {"auto_mapping", "null"},
+    {"corda_config", "null"},
+    {"ensure_weight_tying", "false"},
+    {"eva_config", "null"},
+    {"loftq_config", "{}"},
+    {"lora_ga_config", "null"},
+    {"megatron_core", "\"megatron.core\""},
+    {"qalora_group_size", "16"},
 };
 
-/// The fields AdapterConfig holds in named members.
+/// The fields AdapterConfig holds in named members (read_interpreted_field reads them).
 inline constexpr std::string_view interpreted_fields[] = {
-    "alpha_pattern",     "base_model_name_or_path", "bias",     "inference_mode", "init_lora_weights",
-    "lora_alpha",        "lora_dropout",            "modules_to_save", "peft_type", "peft_version",
-    "r",                 "rank_pattern",            "revision", "target_modules", "task_type",
-    "use_rslora",
+    "alpha_pattern", "base_model_name_or_path", "bias",         "inference_mode", "init_lora_weights", "lora_alpha",
+    "lora_dropout",  "modules_to_save",         "peft_type",    "peft_version",   "r",                 "rank_pattern",
+    "revision",      "target_modules",          "task_type",    "use_rslora",
 };
+
+/// peft's TaskType values; peft refuses any other task_type.
+inline constexpr std::string_view peft_task_types[] = {"SEQ_CLS",      "SEQ_2_SEQ_LM", "CAUSAL_LM",
+                                                       "TOKEN_CLS",    "QUESTION_ANS", "FEATURE_EXTRACTION"};
 
 /// PEFT drops it on load (with a warning) and never writes it.
 inline constexpr std::string_view runtime_config_field = "runtime_config";
@@ -271,6 +279,10 @@ inline bool read_interpreted_field(const ConfigField& field, std::string_view na
     (void)field.string();  // checked by the caller: it is required
   } else if (name == "task_type") {
     config.task_type = field.string_or_null().value_or("");
+    const auto* const known = std::find(std::begin(peft_task_types), std::end(peft_task_types), config.task_type);
+    if (!config.task_type.empty() && known == std::end(peft_task_types)) {
+      field.fail(fmt::format("null or one of peft's task types ({})", fmt::join(peft_task_types, ", ")));
+    }
   } else if (name == "base_model_name_or_path") {
     config.base_model_name_or_path = field.string_or_null().value_or("");
   } else if (name == "revision") {
@@ -412,8 +424,13 @@ inline std::string adapter_config_json(const AdapterConfig& config) {
   };
 
   Json document = Json::object();
-  for (const auto& field : detail::unsupported_lora_fields) document[field.name] = parse_value(field.name, field.default_json);
-  for (const auto& field : detail::carried_lora_fields) document[field.name] = parse_value(field.name, field.default_json);
+  // peft writes every field of its dataclass: start from its defaults.
+  for (const auto& field : detail::unsupported_lora_fields) {
+    document[field.name] = parse_value(field.name, field.default_json);
+  }
+  for (const auto& field : detail::carried_lora_fields) {
+    document[field.name] = parse_value(field.name, field.default_json);
+  }
   for (const auto& [name, text] : config.extra_fields) {
     check(!detail::is_interpreted(name) && detail::find_field(detail::unsupported_lora_fields, name) == nullptr &&
               name != detail::runtime_config_field,

@@ -108,6 +108,9 @@ struct PeftKey {
   std::string module;  ///< the LoRA module (lora_A/lora_B) or the module owning the saved tensor
 };
 
+inline constexpr std::pair<std::string_view, PeftKey::Kind> factor_suffixes[] = {{lora_A_suffix, PeftKey::lora_A},
+                                                                                {lora_B_suffix, PeftKey::lora_B}};
+
 inline std::string_view adapter_name(const PeftAdapter& adapter) {
   return adapter.source.empty() ? std::string_view("adapter") : std::string_view(adapter.source.native());
 }
@@ -118,25 +121,26 @@ inline std::string full_key(std::string_view key) { return fmt::format("{}{}", p
 /// explained by the config: a modules_to_save module's, or a bias that
 /// `bias` makes trainable.
 inline PeftKey classify_peft_key(std::string_view key, const LoraConfig& config, std::string_view source) {
-  for (const auto& [suffix, kind] : {std::pair{lora_A_suffix, PeftKey::lora_A}, std::pair{lora_B_suffix, PeftKey::lora_B}}) {
+  for (const auto& [suffix, kind] : factor_suffixes) {
     if (key.size() > suffix.size() && key.ends_with(suffix)) {
       return {kind, std::string(key.substr(0, key.size() - suffix.size()))};
     }
   }
   for (const UnsupportedKey& unsupported : unsupported_peft_keys) {
-    check(!key.ends_with(unsupported.suffix), "UnsupportedAdapter", "{}: `{}` is a tensor of {}, which qlora does not implement",
-          source, full_key(key), unsupported.feature);
+    check(!key.ends_with(unsupported.suffix), "UnsupportedAdapter",
+          "{}: `{}` is a tensor of {}, which qlora does not implement", source, full_key(key), unsupported.feature);
   }
   const std::size_t dot = key.rfind('.');
   const std::string_view module = dot == std::string_view::npos ? std::string_view() : key.substr(0, dot);
   if (!module.empty()) {
     if (config.is_module_to_save(module)) return {PeftKey::saved, std::string(module)};
-    constexpr std::string_view wrapped = ".base_layer";  // the base Linear inside a LoRA layer
-    if (key.ends_with(".bias") && config.bias == LoraBias::all) {
-      return {PeftKey::saved, std::string(module.ends_with(wrapped) ? module.substr(0, module.size() - wrapped.size()) : module)};
-    }
-    if (key.ends_with(".bias") && config.bias == LoraBias::lora_only && module.ends_with(wrapped)) {
-      return {PeftKey::saved, std::string(module.substr(0, module.size() - wrapped.size()))};
+    // A trainable bias: "all" saves every bias, "lora_only" those of LoRA
+    // layers, which hold the base Linear as `base_layer`.
+    constexpr std::string_view wrapped = ".base_layer";
+    const bool of_lora_layer = module.ends_with(wrapped);
+    if (key.ends_with(".bias") &&
+        (config.bias == LoraBias::all || (config.bias == LoraBias::lora_only && of_lora_layer))) {
+      return {PeftKey::saved, std::string(of_lora_layer ? module.substr(0, module.size() - wrapped.size()) : module)};
     }
   }
   throw Error("InvalidAdapter",
@@ -168,7 +172,7 @@ inline void check_adapter_consistent(const PeftAdapter& adapter) {
   const std::string_view source = adapter_name(adapter);
   std::set<std::string_view> lora_modules;
   for (const LoraModuleWeights& m : adapter.modules) {
-    for (const auto& [suffix, kind] : {std::pair{lora_A_suffix, PeftKey::lora_A}, std::pair{lora_B_suffix, PeftKey::lora_B}}) {
+    for (const auto& [suffix, kind] : factor_suffixes) {
       const PeftKey placed = classify_peft_key(m.path + std::string(suffix), config, source);
       check(placed.kind == kind && placed.module == m.path, "InvalidAdapter",
             "{}: module path \"{}\" does not survive a round trip through the key `{}{}{}`", source, m.path,
@@ -255,14 +259,12 @@ inline PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
           detail::full_key(path + std::string(pair.a ? detail::lora_A_suffix : detail::lora_B_suffix)),
           detail::full_key(path + std::string(pair.a ? detail::lora_B_suffix : detail::lora_A_suffix)));
     const auto shape_of = [](const SafetensorsTensor& t) { return Shape(std::span<const std::int64_t>(t.shape)); };
-    // Shapes first: a wrong rank would otherwise show as a Shape error.
-    check(pair.a->shape.size() == 2 && pair.b->shape.size() == 2, "InvalidAdapter",
-          "{}: module {}: lora_A has {} dimensions and lora_B {}; both must be matrices", source, path,
-          pair.a->shape.size(), pair.b->shape.size());
     detail::check_factor_shapes(config, path, shape_of(*pair.a), shape_of(*pair.b), source);
     adapter.modules.push_back({path, detail::to_f32_tensor(*pair.a, source), detail::to_f32_tensor(*pair.b, source)});
   }
-  for (const auto& [key, tensor] : saved) adapter.saved_tensors.emplace_back(key, detail::to_f32_tensor(*tensor, source));
+  for (const auto& [key, tensor] : saved) {
+    adapter.saved_tensors.emplace_back(key, detail::to_f32_tensor(*tensor, source));
+  }
   detail::check_adapter_consistent(adapter);
   return adapter;
 }

@@ -9,7 +9,9 @@
 //  - the dropout factor of flat element t * in + i is DropoutMask::factor, the
 //    same host/device function the CPU path calls, so masks are identical;
 //  - products and sums of single values use __fmul_rn / __fadd_rn, which
-//    nvcc never contracts into an FMA (the CPU does one rounding per op too).
+//    nvcc never contracts into an FMA (the CPU does one rounding per op too);
+//  - db is summed in double and rounded once to fp32 before it is added to
+//    the fp32 gradient, as the CPU does.
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -21,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include <qlora/core/dtype.hpp>
 #include <qlora/cuda/quant_state.cuh>
@@ -89,18 +92,24 @@ __global__ void __launch_bounds__(lora_threads) materialize_kernel(const Values 
 
 // ---- activations -----------------------------------------------------------------
 
-/// out[i] = float(x[i]) * mask.factor(i): the adapter's fp32 input drop(x)
-/// (an inactive mask multiplies by exactly 1, i.e. a plain widening).
-template <class T>
-__global__ void __launch_bounds__(lora_threads) widen_dropout_kernel(const T* const x, float* const out,
-                                                                     const std::int64_t n, const DropoutMask mask) {
+/// out[i] = Out(fl32(float(x[i]) * mask.factor(first + i))): the adapter's
+/// input drop(x), rounded in fp32 as the CPU rounds it, then stored as Out
+/// (float, or double for the double-summed xa; widening is exact). `first` is
+/// the flat index of x[0] in the whole [T, in] input, for chunks of tokens.
+/// An inactive mask multiplies by exactly 1: a plain widening.
+template <class T, class Out>
+__global__ void __launch_bounds__(lora_threads) widen_dropout_kernel(const T* const x, Out* const out,
+                                                                     const std::int64_t n, const DropoutMask mask,
+                                                                     const std::int64_t first) {
   for (std::int64_t i = grid_first(); i < n; i += grid_stride()) {
-    out[i] = __fmul_rn(to_float(x[i]), mask.factor(static_cast<std::uint64_t>(i)));
+    out[i] = static_cast<Out>(__fmul_rn(to_float(x[i]), mask.factor(static_cast<std::uint64_t>(first + i))));
   }
 }
 
 /// values[i] *= mask.factor(i): the dropout's backward on an fp32 [T, in] gradient.
-__global__ void __launch_bounds__(lora_threads) apply_dropout_kernel(float* const values, const std::int64_t n,
+/// (A template, like every kernel here, so that the header obeys the ODR.)
+template <class T = float>
+__global__ void __launch_bounds__(lora_threads) apply_dropout_kernel(T* const values, const std::int64_t n,
                                                                      const DropoutMask mask) {
   for (std::int64_t i = grid_first(); i < n; i += grid_stride()) {
     values[i] = __fmul_rn(values[i], mask.factor(static_cast<std::uint64_t>(i)));
@@ -109,13 +118,18 @@ __global__ void __launch_bounds__(lora_threads) apply_dropout_kernel(float* cons
 
 /// out[t, c] = Compute(acc[t, c] + bias[c]) (bias may be null): the one
 /// rounding of y or dx from its fp32 sum, for a row-major [rows, cols] block.
-template <class Compute>
-__global__ void __launch_bounds__(lora_threads) store_rounded_kernel(const float* const acc, const float* const bias,
+/// With a double accumulator (xa), no bias: one rounding double -> fp32.
+template <class Compute, class Acc = float>
+__global__ void __launch_bounds__(lora_threads) store_rounded_kernel(const Acc* const acc, const float* const bias,
                                                                      Compute* const out, const std::int64_t n,
                                                                      const std::int64_t cols) {
   for (std::int64_t i = grid_first(); i < n; i += grid_stride()) {
-    const float value = bias != nullptr ? __fadd_rn(acc[i], bias[i % cols]) : acc[i];
-    out[i] = from_float<Compute>(value);
+    if constexpr (std::is_same_v<Acc, double>) {
+      out[i] = from_float<Compute>(__double2float_rn(acc[i]));
+    } else {
+      const float value = bias != nullptr ? __fadd_rn(acc[i], bias[i % cols]) : acc[i];
+      out[i] = from_float<Compute>(value);
+    }
   }
 }
 
@@ -123,26 +137,28 @@ __global__ void __launch_bounds__(lora_threads) store_rounded_kernel(const float
 inline constexpr int column_sum_columns = 32;
 inline constexpr int column_sum_lanes = 8;
 
-/// sums[c] += Σ_t values[t, c] over a row-major [rows, cols] Compute matrix
-/// (db += column sums of dy). A CTA owns 32 columns; its 8 thread rows each
-/// sum every 8th row, then one thread adds the 8 partials in a fixed order:
-/// deterministic, no atomics. Launch with dim3(32, 8) threads and
-/// ceil(cols / 32) CTAs.
+/// sums[c] += fl32(Σ_t values[t, c]) over a row-major [rows, cols] Compute
+/// matrix (db += column sums of dy), the sum in double (the CPU rule). A CTA
+/// owns 32 columns; its 8 thread rows each sum every 8th row, then one thread
+/// adds the 8 partials in a fixed order: deterministic, no atomics. Launch
+/// with dim3(32, 8) threads and ceil(cols / 32) CTAs.
 template <class T>
 __global__ void __launch_bounds__(column_sum_columns* column_sum_lanes)
     column_sums_kernel(const T* const values, float* const sums, const std::int64_t rows, const std::int64_t cols) {
-  __shared__ float partial[column_sum_lanes][column_sum_columns + 1];
+  __shared__ double partial[column_sum_lanes][column_sum_columns + 1];
   const std::int64_t column = std::int64_t{blockIdx.x} * column_sum_columns + threadIdx.x;
-  float sum = 0.0f;
+  double sum = 0.0;
   if (column < cols) {
-    for (std::int64_t t = threadIdx.y; t < rows; t += column_sum_lanes) sum = __fadd_rn(sum, to_float(values[t * cols + column]));
+    for (std::int64_t t = threadIdx.y; t < rows; t += column_sum_lanes) {
+      sum = __dadd_rn(sum, static_cast<double>(to_float(values[t * cols + column])));
+    }
   }
   partial[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.y == 0 && column < cols) {
-    float total = partial[0][threadIdx.x];
-    for (int lane = 1; lane < column_sum_lanes; ++lane) total = __fadd_rn(total, partial[lane][threadIdx.x]);
-    sums[column] = __fadd_rn(sums[column], total);
+    double total = partial[0][threadIdx.x];
+    for (int lane = 1; lane < column_sum_lanes; ++lane) total = __dadd_rn(total, partial[lane][threadIdx.x]);
+    sums[column] = __fadd_rn(sums[column], __double2float_rn(total));
   }
 }
 

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -26,7 +27,7 @@
 namespace qlora::detail {
 
 /// Appends Python's repr() of a finite double. {fmt}'s shortest round-trip
-/// form switches to an exponent where repr does (tests check a sweep); only
+/// form switches to an exponent where repr does (adapter_config_test holds it to repr); only
 /// repr's ".0" on integral values is missing from it.
 inline void append_python_float(std::string& out, double value) {
   check(std::isfinite(value), "InvalidArgument", "{} is not a finite number: strict JSON cannot hold it", value);
