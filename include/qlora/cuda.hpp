@@ -10,6 +10,7 @@
 #include <qlora/config.hpp>  // first: it prepares fmt for nvcc
 
 #include <qlora/cuda/common.cuh>
+#include <qlora/cuda/cublas.cuh>
 #include <qlora/cuda/dequantize_4bit.cuh>
 #include <qlora/cuda/lora_linear.cuh>
 #include <qlora/cuda/quant_state.cuh>

@@ -26,12 +26,14 @@
 #include <vector>
 
 #include "cuda/support.cuh"
-#include "support/splitmix.hpp"
+#include "support/tensors.hpp"
 
 namespace {
 
 using namespace qlora;
+using test::as_double;
 using test::error_of;
+using test::filled;
 namespace qcuda = qlora::cuda;  // `cuda::` alone is ambiguous with CCCL's ::cuda under `using namespace qlora`
 
 // ---- tolerances ---------------------------------------------------------------------
@@ -93,22 +95,6 @@ void check_close(const std::string& what, const std::vector<double>& gpu, const 
 }
 
 // ---- data -------------------------------------------------------------------------
-
-template <class T>
-Tensor filled(Shape shape, std::uint64_t first_index, double scale) {
-  Tensor t(dtype_of_v<T>, shape);
-  const auto values = test::splitmix_values(static_cast<std::size_t>(t.numel()), scale, first_index);
-  auto out = t.span<T>();
-  for (std::size_t i = 0; i < values.size(); ++i) out[i] = from_float<T>(values[i]);
-  return t;
-}
-
-template <class T>
-std::vector<double> values_of(const TensorView& host) {
-  std::vector<double> out;
-  for (const T v : host.span<const T>()) out.push_back(to_float(v));
-  return out;
-}
 
 /// Device memory holding a tensor (default stream, like the layers here).
 struct DeviceTensor {
@@ -289,9 +275,9 @@ void compare_backends(const Case& c) {
   }
   std::vector<double> factor(static_cast<std::size_t>(T * in));
   for (std::size_t i = 0; i < factor.size(); ++i) factor[i] = mask.factor(i);
-  const Magnitudes m = magnitudes_of(c, s, w, values_of<float>(a.view()), values_of<float>(b.view()),
-                                     values_of<float>(bias.view()), values_of<Compute>(x_host.view()),
-                                     values_of<Compute>(dy_host.view()), factor);
+  const Magnitudes m = magnitudes_of(c, s, w, as_double<float>(a.view()), as_double<float>(b.view()),
+                                     as_double<float>(bias.view()), as_double<Compute>(x_host.view()),
+                                     as_double<Compute>(dy_host.view()), factor);
   const auto rounded = [](const std::vector<double>& magnitude, std::int64_t additions) {
     return [&magnitude, additions](std::size_t i, double value) {
       return fp32_sum_bound(additions, magnitude[i]) + ulp<Compute>(value);
@@ -317,9 +303,9 @@ void compare_backends(const Case& c) {
     // The saved input is a copy of x; xa = drop(x)·Aᵀ, masks identical (a mask
     // difference would move xa by ~|x·A|/(1-p), far beyond one fp32 ulp).
     CHECK(same_bits(gpu.download(saved_gpu.x_view()).view(), saved_cpu.x.view()));
-    check_close("xa", values_of<float>(gpu.download(saved_gpu.xa_view()).view()), values_of<float>(saved_cpu.xa.view()),
+    check_close("xa", as_double<float>(gpu.download(saved_gpu.xa_view()).view()), as_double<float>(saved_cpu.xa.view()),
                 double_sum(m.xa, in));
-    check_close("y", values_of<Compute>(gpu.download(y_gpu.view).view()), values_of<Compute>(y_cpu.view()),
+    check_close("y", as_double<Compute>(gpu.download(y_gpu.view).view()), as_double<Compute>(y_cpu.view()),
                 rounded(m.y, in + r + 2));
 
     Tensor dx_cpu(dtype_of_v<Compute>, {T, in});
@@ -328,26 +314,26 @@ void compare_backends(const Case& c) {
     gpu.zero_grad();
     cpu.backward(saved_cpu, dy_host.view(), dx_cpu.view());
     gpu.backward(saved_gpu, dy.view, dx_gpu.view);
-    check_close("dx", values_of<Compute>(gpu.download(dx_gpu.view).view()), values_of<Compute>(dx_cpu.view()),
+    check_close("dx", as_double<Compute>(gpu.download(dx_gpu.view).view()), as_double<Compute>(dx_cpu.view()),
                 rounded(m.dx, out + r + 2));
-    check_close("dA", values_of<float>(gpu.download(gpu.grad_A()).view()), values_of<float>(cpu.grad_A()),
+    check_close("dA", as_double<float>(gpu.download(gpu.grad_A()).view()), as_double<float>(cpu.grad_A()),
                 fp32(m.grad_a, T + out + 2));
-    check_close("dB", values_of<float>(gpu.download(gpu.grad_B()).view()), values_of<float>(cpu.grad_B()),
+    check_close("dB", as_double<float>(gpu.download(gpu.grad_B()).view()), as_double<float>(cpu.grad_B()),
                 fp32(m.grad_b, T + in + 2));
-    check_close("db", values_of<float>(gpu.download(gpu.grad_bias()).view()), values_of<float>(cpu.grad_bias()),
+    check_close("db", as_double<float>(gpu.download(gpu.grad_bias()).view()), as_double<float>(cpu.grad_bias()),
                 double_sum(m.grad_bias, T));
 
     // A second backward, without dx, accumulates: every gradient doubles.
     cpu.backward(saved_cpu, dy_host.view(), TensorView{});
     gpu.backward(saved_gpu, dy.view, TensorView{});
-    check_close("dA (accumulated)", values_of<float>(gpu.download(gpu.grad_A()).view()), values_of<float>(cpu.grad_A()),
+    check_close("dA (accumulated)", as_double<float>(gpu.download(gpu.grad_A()).view()), as_double<float>(cpu.grad_A()),
                 fp32(m.grad_a, T + out + 3, 2.0));
-    check_close("dB (accumulated)", values_of<float>(gpu.download(gpu.grad_B()).view()), values_of<float>(cpu.grad_B()),
+    check_close("dB (accumulated)", as_double<float>(gpu.download(gpu.grad_B()).view()), as_double<float>(cpu.grad_B()),
                 fp32(m.grad_b, T + in + 3, 2.0));
-    check_close("db (accumulated)", values_of<float>(gpu.download(gpu.grad_bias()).view()),
-                values_of<float>(cpu.grad_bias()), double_sum(m.grad_bias, 2 * T, 2.0));
+    check_close("db (accumulated)", as_double<float>(gpu.download(gpu.grad_bias()).view()),
+                as_double<float>(cpu.grad_bias()), double_sum(m.grad_bias, 2 * T, 2.0));
     gpu.zero_grad();
-    CHECK(values_of<float>(gpu.download(gpu.grad_A()).view()) == std::vector<double>(static_cast<std::size_t>(r * in)));
+    CHECK(as_double<float>(gpu.download(gpu.grad_A()).view()) == std::vector<double>(static_cast<std::size_t>(r * in)));
     CHECK(gpu.workspace_bytes() > 0);
     gpu.release_workspace();
     CHECK(gpu.workspace_bytes() == 0);
@@ -358,22 +344,22 @@ void compare_backends(const Case& c) {
     const DeviceTensor y_gpu(dtype_of_v<Compute>, {T, out});
     cpu.forward(x_host.view(), y_cpu.view());
     gpu.forward(x.view, y_gpu.view);
-    check_close("y (inference)", values_of<Compute>(gpu.download(y_gpu.view).view()), values_of<Compute>(y_cpu.view()),
+    check_close("y (inference)", as_double<Compute>(gpu.download(y_gpu.view).view()), as_double<Compute>(y_cpu.view()),
                 rounded(m.y_inference, in + r + 2));
 
     cpu.set_adapter_enabled(false);
     gpu.set_adapter_enabled(false);
     cpu.forward(x_host.view(), y_cpu.view());
     gpu.forward(x.view, y_gpu.view);
-    check_close("y (adapter disabled)", values_of<Compute>(gpu.download(y_gpu.view).view()),
-                values_of<Compute>(y_cpu.view()), rounded(m.y_base, in + 1));
+    check_close("y (adapter disabled)", as_double<Compute>(gpu.download(y_gpu.view).view()),
+                as_double<Compute>(y_cpu.view()), rounded(m.y_base, in + 1));
     CHECK(error_of([&] { (void)gpu.forward_train(x.view, y_gpu.view, key); }).code() == "AdapterDisabled");
     cpu.set_adapter_enabled(true);
     gpu.set_adapter_enabled(true);
 
     // W̃ + s·B·A in fp32: r products per element, then one addition.
     const Tensor exact_cpu = cpu.merged_weight();
-    check_close("merged weight", values_of<float>(gpu.merged_weight().view()), values_of<float>(exact_cpu.view()),
+    check_close("merged weight", as_double<float>(gpu.merged_weight().view()), as_double<float>(exact_cpu.view()),
                 fp32(m.merged, r + 2));
 
     const MergeReport report_cpu = cpu.merge();
@@ -389,7 +375,7 @@ void compare_backends(const Case& c) {
       // Dense fp32: the merged base is the fp32 sum itself, which may differ in its last bits.
       std::vector<float> stored(static_cast<std::size_t>(out * in));
       merged_gpu.dequantize_tile(0, out, 0, in, stored.data(), in);
-      check_close("merged base", std::vector<double>(stored.begin(), stored.end()), values_of<float>(exact_cpu.view()),
+      check_close("merged base", std::vector<double>(stored.begin(), stored.end()), as_double<float>(exact_cpu.view()),
                   rounded(m.merged, r + 2));
     } else {
       CHECK(differing_elements(merged_gpu, merged_cpu) <= out * in / 1000);
@@ -409,7 +395,7 @@ void compare_backends(const Case& c) {
       std::copy(tile.begin(), tile.end(), w_merged.begin());
     }
     std::vector<double> y_merged_magnitude(static_cast<std::size_t>(T * out));
-    const std::vector<double> xs = values_of<Compute>(x_host.view()), bs = values_of<float>(bias.view());
+    const std::vector<double> xs = as_double<Compute>(x_host.view()), bs = as_double<float>(bias.view());
     for (std::int64_t t = 0; t < T; ++t)
       for (std::int64_t o = 0; o < out; ++o) {
         double sum = std::abs(bs[o]);
@@ -418,7 +404,7 @@ void compare_backends(const Case& c) {
       }
     reference.forward(x_host.view(), y_cpu.view());
     gpu.forward(x.view, y_gpu.view);
-    check_close("y (merged)", values_of<Compute>(gpu.download(y_gpu.view).view()), values_of<Compute>(y_cpu.view()),
+    check_close("y (merged)", as_double<Compute>(gpu.download(y_gpu.view).view()), as_double<Compute>(y_cpu.view()),
                 rounded(y_merged_magnitude, in + 1));
     CHECK(error_of([&] { (void)gpu.forward_train(x.view, y_gpu.view, key); }).code() == "AdapterMerged");
     CHECK(error_of([&] { (void)gpu.merge(); }).code() == "AdapterMerged");
@@ -428,7 +414,7 @@ void compare_backends(const Case& c) {
     cpu.unmerge();
     cpu.forward(x_host.view(), y_cpu.view());
     gpu.forward(x.view, y_gpu.view);
-    check_close("y (unmerged)", values_of<Compute>(gpu.download(y_gpu.view).view()), values_of<Compute>(y_cpu.view()),
+    check_close("y (unmerged)", as_double<Compute>(gpu.download(y_gpu.view).view()), as_double<Compute>(y_cpu.view()),
                 rounded(m.y_inference, in + r + 2));
   }
 

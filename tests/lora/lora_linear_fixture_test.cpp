@@ -25,27 +25,14 @@
 
 #include <qlora/io/safetensors_reader.hpp>
 
-#include "support/splitmix.hpp"
+#include "support/tensors.hpp"
 
 using namespace qlora;
+using test::as_double;
+using test::tensor_of;
 using nlohmann::json;
 
 namespace {
-
-template <class T>
-Tensor tensor_of(const std::vector<float>& values, Shape shape) {
-  Tensor t(dtype_of_v<T>, shape);
-  auto out = t.span<T>();
-  for (std::size_t i = 0; i < values.size(); ++i) out[i] = from_float<T>(values[i]);
-  return t;
-}
-
-template <class T>
-std::vector<double> as_double(const TensorView& t) {
-  std::vector<double> out;
-  for (const T v : t.span<const T>()) out.push_back(to_float(v));
-  return out;
-}
 
 template <class T>
 std::string hex_bits(T value) {

@@ -9,28 +9,13 @@
 #include <cmath>
 #include <vector>
 
-#include "support/splitmix.hpp"
+#include "support/tensors.hpp"
 
 using namespace qlora;
+using test::as_double;
+using test::filled;
 
 namespace {
-
-/// A Compute tensor of `shape` filled from the splitmix generator.
-template <class T>
-Tensor filled(Shape shape, std::uint64_t first_index, double scale) {
-  Tensor t(dtype_of_v<T>, shape);
-  const auto values = test::splitmix_values(static_cast<std::size_t>(t.numel()), scale, first_index);
-  auto out = t.span<T>();
-  for (std::size_t i = 0; i < values.size(); ++i) out[i] = from_float<T>(values[i]);
-  return t;
-}
-
-template <class T>
-std::vector<double> as_double(const TensorView& t) {
-  std::vector<double> out;
-  for (const T v : t.span<const T>()) out.push_back(to_float(v));
-  return out;
-}
 
 LoraConfig config_with(int r, double alpha, double dropout = 0.0, LoraBias bias = LoraBias::none) {
   LoraConfig config;

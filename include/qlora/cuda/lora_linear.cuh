@@ -95,6 +95,7 @@
 #include <qlora/core/error.hpp>
 #include <qlora/core/tensor.hpp>
 #include <qlora/cuda/common.cuh>
+#include <qlora/cuda/cublas.cuh>
 #include <qlora/cuda/dequantize_4bit.cuh>
 #include <qlora/cuda/kernel/lora_linear.cuh>
 #include <qlora/cuda/quant_state.cuh>
@@ -106,65 +107,8 @@
 #include <qlora/lora/lora_linear.hpp>
 #include <qlora/quant/quant_policy.hpp>
 
-// ---- cuBLAS errors ------------------------------------------------------------------
-
-namespace qlora::cuda::detail {
-[[noreturn]] inline void throw_cublas_error(cublasStatus_t status, const char* call, const char* file, int line) {
-  throw Error("CublasError", fmt::format("{} failed at {}:{}: {} ({})", call, file, line, cublasGetStatusString(status),
-                                         cublasGetStatusName(status)));
-}
-}  // namespace qlora::cuda::detail
-
-/// Evaluates a cuBLAS call; anything but CUBLAS_STATUS_SUCCESS throws
-/// qlora::Error("CublasError", "<call> failed at <file>:<line>: <message> (<name>)").
-#define QLORA_CUBLAS_CHECK(call)                                                          \
-  do {                                                                                    \
-    const cublasStatus_t qlora_cublas_status_ = (call);                                   \
-    if (qlora_cublas_status_ != CUBLAS_STATUS_SUCCESS) [[unlikely]] {                      \
-      ::qlora::cuda::detail::throw_cublas_error(qlora_cublas_status_, #call, __FILE__, __LINE__); \
-    }                                                                                     \
-  } while (false)
-
 namespace qlora {
 namespace cuda {
-
-/// A cuBLAS handle, owned (created here, destroyed with the object) or
-/// borrowed from the caller. Move-only.
-class CublasHandle {
- public:
-  CublasHandle() = default;
-  static CublasHandle create() {
-    cublasHandle_t handle = nullptr;
-    QLORA_CUBLAS_CHECK(cublasCreate(&handle));
-    return CublasHandle(handle, true);
-  }
-  static CublasHandle borrow(cublasHandle_t handle) { return CublasHandle(handle, false); }
-  CublasHandle(const CublasHandle&) = delete;
-  CublasHandle& operator=(const CublasHandle&) = delete;
-  CublasHandle(CublasHandle&& other) noexcept
-      : handle_(std::exchange(other.handle_, nullptr)), owned_(std::exchange(other.owned_, false)) {}
-  CublasHandle& operator=(CublasHandle&& other) noexcept {
-    if (this != &other) {
-      reset();
-      handle_ = std::exchange(other.handle_, nullptr);
-      owned_ = std::exchange(other.owned_, false);
-    }
-    return *this;
-  }
-  ~CublasHandle() { reset(); }
-
-  [[nodiscard]] cublasHandle_t get() const noexcept { return handle_; }
-
- private:
-  CublasHandle(cublasHandle_t handle, bool owned) : handle_(handle), owned_(owned) {}
-  void reset() noexcept {
-    if (owned_ && handle_ != nullptr) (void)cublasDestroy(handle_);  // a destructor cannot throw
-    handle_ = nullptr;
-    owned_ = false;
-  }
-  cublasHandle_t handle_ = nullptr;
-  bool owned_ = false;
-};
 
 /// The cudaDataType cuBLAS calls T (a FloatStorage type, or double).
 template <class T>
@@ -303,8 +247,8 @@ class LoraLinear<Quant, Compute, Cuda> {
   /// Replaces A [r, in] and B [out, r]: host views in F32, F16 or BF16 (e.g.
   /// from a PEFT file), or F32 device views (copied on the layer's stream).
   void set_adapter_weights(const TensorView& a, const TensorView& b) {
-    check_shape(a, {rank_, in_}, "lora_A");
-    check_shape(b, {out_, rank_}, "lora_B");
+    arguments().shape(a, {rank_, in_}, "lora_A");
+    arguments().shape(b, {out_, rank_}, "lora_B");
     upload_floats(a, a_, "lora_A");
     upload_floats(b, b_, "lora_B");
   }
@@ -321,7 +265,7 @@ class LoraLinear<Quant, Compute, Cuda> {
 
   /// Inference: y = x·W̃ᵀ + b (+ the adapter unless disabled or merged). No dropout.
   void forward(const TensorView& x, const TensorView& y) const {
-    const std::int64_t tokens = check_io(x, y);
+    const std::int64_t tokens = arguments().input_output(x, in_, y, out_);
     if (tokens == 0) return;
     prepare_cublas();
     const DeviceBase& weight = merged_ ? *merged_ : base_;
@@ -340,7 +284,7 @@ class LoraLinear<Quant, Compute, Cuda> {
   [[nodiscard]] cuda::LoraActivations forward_train(const TensorView& x, const TensorView& y, DropoutKey key = {}) const {
     check(!merged_, "AdapterMerged", "{}: forward_train on a merged layer; unmerge() first", path_);
     check(adapter_enabled_, "AdapterDisabled", "{}: forward_train with the adapter disabled", path_);
-    const std::int64_t tokens = check_io(x, y);
+    const std::int64_t tokens = arguments().input_output(x, in_, y, out_);
     cuda::LoraActivations saved;
     saved.dropout = DropoutMask{key, dropout_probability_};
     saved.dtype = dtype_of_v<Compute>;
@@ -362,9 +306,9 @@ class LoraLinear<Quant, Compute, Cuda> {
   /// the gradients and writes dx (Compute [T, in]) unless `dx` is an empty view.
   void backward(const cuda::LoraActivations& saved, const TensorView& dy, const TensorView& dx) {
     const std::int64_t tokens = saved.tokens();
-    check_tensor(dy, {tokens, out_}, "dy");
+    arguments().tensor(dy, {tokens, out_}, "dy");
     const bool want_dx = dx.raw_data() != nullptr;
-    if (want_dx) check_tensor(dx, {tokens, in_}, "dx");
+    if (want_dx) arguments().tensor(dx, {tokens, in_}, "dx");
     check(saved.rank == rank_ && saved.in_features == in_ && saved.dtype == dtype_of_v<Compute>, "ShapeMismatch",
           "{}: activations are from a layer of another shape", path_);
     if (tokens == 0) return;
@@ -523,27 +467,7 @@ class LoraLinear<Quant, Compute, Cuda> {
 
   // ---- checks (the CPU layer's codes and messages, for device tensors) ------------------
 
-  void check_shape(const TensorView& t, std::initializer_list<std::int64_t> expected, std::string_view name) const {
-    const Shape shape(std::span<const std::int64_t>(expected.begin(), expected.size()));
-    check(t.shape() == shape, "ShapeMismatch", "{}: {} is {}, expected {}", path_, name, t.shape().to_string(),
-          shape.to_string());
-  }
-  /// A contiguous device Compute tensor of exactly `expected` shape.
-  void check_tensor(const TensorView& t, std::initializer_list<std::int64_t> expected, std::string_view name) const {
-    check(t.dtype() == dtype_of_v<Compute>, "DTypeMismatch", "{}: {} is {}, the layer computes in {}", path_, name,
-          dtype_name(t.dtype()), dtype_name(dtype_of_v<Compute>));
-    check_shape(t, expected, name);
-    check(t.device() == Device::cuda && t.is_contiguous(), "DeviceMismatch",
-          "{}: {} must be a contiguous device tensor", path_, name);
-    check(t.numel() == 0 || t.raw_data() != nullptr, "NullPointer", "{}: {} has no data", path_, name);
-  }
-  /// Checks x [T, in] and y [T, out]; returns T.
-  std::int64_t check_io(const TensorView& x, const TensorView& y) const {
-    check(x.rank() == 2, "ShapeMismatch", "{}: {} is {}, expected [tokens, {}]", path_, "x", x.shape().to_string(), in_);
-    check_tensor(x, {x.shape()[0], in_}, "x");
-    check_tensor(y, {x.shape()[0], out_}, "y");
-    return x.shape()[0];
-  }
+  [[nodiscard]] detail::LayerArguments<Compute> arguments() const noexcept { return {path_, Device::cuda}; }
 
   // ---- device work ----------------------------------------------------------------------
 

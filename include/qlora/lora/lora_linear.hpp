@@ -33,6 +33,7 @@
 #include <qlora/core/parallel.hpp>
 #include <qlora/core/tensor.hpp>
 #include <qlora/lora/detail/eigen_matrix.hpp>
+#include <qlora/lora/detail/layer_arguments.hpp>
 #include <qlora/lora/dropout.hpp>
 #include <qlora/lora/frozen_weight.hpp>
 #include <qlora/lora/lora_config.hpp>
@@ -126,8 +127,8 @@ class LoraLinear<Quant, Compute, Cpu> {
 
   /// Replaces A [r, in] and B [out, r] (F32, F16 or BF16), e.g. from a PEFT file.
   void set_adapter_weights(const TensorView& a, const TensorView& b) {
-    check_shape(a, {rank_, in_features()}, "lora_A");
-    check_shape(b, {out_features(), rank_}, "lora_B");
+    arguments().shape(a, {rank_, in_features()}, "lora_A");
+    arguments().shape(b, {out_features(), rank_}, "lora_B");
     widen_into(a, a_.span<float>(), "lora_A");
     widen_into(b, b_.span<float>(), "lora_B");
   }
@@ -143,7 +144,7 @@ class LoraLinear<Quant, Compute, Cpu> {
 
   /// Inference: y = x·W̃ᵀ + b (+ the adapter unless disabled or merged). No dropout.
   void forward(const TensorView& x, const TensorView& y) const {
-    const std::int64_t tokens = check_io(x, in_features(), y, out_features(), "x", "y");
+    const std::int64_t tokens = arguments().input_output(x, in_features(), y, out_features());
     const std::vector<float> x_float = widen(x);
     const Base& weight = merged_ ? *merged_ : base_;
     if (!adapter_active()) {
@@ -159,7 +160,7 @@ class LoraLinear<Quant, Compute, Cpu> {
   [[nodiscard]] LoraActivations forward_train(const TensorView& x, const TensorView& y, DropoutKey key = {}) const {
     check(!merged_, "AdapterMerged", "{}: forward_train on a merged layer; unmerge() first", path_);
     check(adapter_enabled_, "AdapterDisabled", "{}: forward_train with the adapter disabled", path_);
-    const std::int64_t tokens = check_io(x, in_features(), y, out_features(), "x", "y");
+    const std::int64_t tokens = arguments().input_output(x, in_features(), y, out_features());
     LoraActivations saved{Tensor(dtype_of_v<Compute>, x.shape()), Tensor(DType::F32, Shape{tokens, rank_}),
                           DropoutMask{key, dropout_probability_}};
     std::ranges::copy(x.span<const Compute>(), saved.x.span<Compute>().begin());
@@ -174,8 +175,8 @@ class LoraLinear<Quant, Compute, Cpu> {
   /// the gradients and writes dx (Compute [T, in]) unless `dx` is an empty view.
   void backward(const LoraActivations& saved, const TensorView& dy, const TensorView& dx) {
     const std::int64_t tokens = saved.tokens();
-    check_tensor(dy, {tokens, out_features()}, "dy");
-    if (dx.raw_data() != nullptr) check_tensor(dx, {tokens, in_features()}, "dx");
+    arguments().tensor(dy, {tokens, out_features()}, "dy");
+    if (dx.raw_data() != nullptr) arguments().tensor(dx, {tokens, in_features()}, "dx");
     check(saved.xa.shape()[1] == rank_ && saved.x.shape()[1] == in_features(), "ShapeMismatch",
           "{}: activations are from a layer of another shape", path_);
     const std::vector<float> dy_float = widen(dy);
@@ -382,27 +383,7 @@ class LoraLinear<Quant, Compute, Cpu> {
     }, what);
   }
 
-  void check_shape(const TensorView& t, std::initializer_list<std::int64_t> expected, std::string_view name) const {
-    const Shape shape(std::span<const std::int64_t>(expected.begin(), expected.size()));
-    check(t.shape() == shape, "ShapeMismatch", "{}: {} is {}, expected {}", path_, name, t.shape().to_string(),
-          shape.to_string());
-  }
-  /// A Compute tensor of exactly `expected` shape.
-  void check_tensor(const TensorView& t, std::initializer_list<std::int64_t> expected, std::string_view name) const {
-    check(t.dtype() == dtype_of_v<Compute>, "DTypeMismatch", "{}: {} is {}, the layer computes in {}", path_, name,
-          dtype_name(t.dtype()), dtype_name(dtype_of_v<Compute>));
-    check_shape(t, expected, name);
-    check(t.device() == Device::cpu && t.is_contiguous(), "DeviceMismatch", "{}: {} must be a contiguous host tensor",
-          path_, name);
-  }
-  /// Checks x [T, in] and y [T, out]; returns T.
-  std::int64_t check_io(const TensorView& x, std::int64_t in, const TensorView& y, std::int64_t out,
-                        std::string_view x_name, std::string_view y_name) const {
-    check(x.rank() == 2, "ShapeMismatch", "{}: {} is {}, expected [tokens, {}]", path_, x_name, x.shape().to_string(), in);
-    check_tensor(x, {x.shape()[0], in}, x_name);
-    check_tensor(y, {x.shape()[0], out}, y_name);
-    return x.shape()[0];
-  }
+  [[nodiscard]] detail::LayerArguments<Compute> arguments() const noexcept { return {path_, Device::cpu}; }
 
   std::string path_;
   Base base_;
