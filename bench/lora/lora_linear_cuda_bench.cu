@@ -24,6 +24,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include "support/cuda_timing.cuh"
 #include "support/layer_shapes.hpp"
 
 #include <algorithm>
@@ -34,14 +35,6 @@ namespace {
 
 using namespace qlora;
 namespace qcuda = qlora::cuda;  // `cuda::` alone is ambiguous with CCCL's ::cuda under `using namespace qlora`
-
-/// Keeps the GPU busy for about `cycles` clock cycles, so that the work
-/// enqueued behind it runs back to back (see the dequantize bench).
-__global__ void spin_kernel(long long cycles) {
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
 
 /// out[i] = bf16(scale · (2u - 1)), u uniform from Philox: test data made on the device.
 __global__ void fill_kernel(bf16* out, std::int64_t n, std::uint64_t seed, float scale) {
@@ -60,28 +53,6 @@ qcuda::DeviceBuffer<bf16> random_device(std::int64_t n, std::uint64_t seed, floa
 TensorView device_view(const qcuda::DeviceBuffer<bf16>& buffer, std::int64_t rows, std::int64_t cols) {
   return {buffer.data(), DType::BF16, Shape{rows, cols}, Device::cuda};
 }
-
-class EventPair {
- public:
-  EventPair() {
-    for (auto*& event : events_) QLORA_CUDA_CHECK(cudaEventCreate(&event));
-  }
-  EventPair(const EventPair&) = delete;
-  EventPair& operator=(const EventPair&) = delete;
-  ~EventPair() {
-    for (auto* event : events_) (void)cudaEventDestroy(event);
-  }
-  cudaEvent_t operator[](int i) const { return events_[i]; }
-  double seconds(int a, int b) const {
-    QLORA_CUDA_CHECK(cudaEventSynchronize(events_[b]));
-    float milliseconds = 0.0f;
-    QLORA_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, events_[a], events_[b]));
-    return static_cast<double>(milliseconds) * 1e-3;
-  }
-
- private:
-  cudaEvent_t events_[3]{};
-};
 
 /// Row-major C[m, n] (bf16) = A[m, k] · op(B) in bf16 with fp32 accumulation;
 /// op(B) = Bᵀ for B stored [n, k] (transpose_b), else B stored [k, n].
@@ -141,10 +112,10 @@ void lora_linear_cuda_step(benchmark::State& state) {
   baseline();
   qcuda::synchronize(stream);
 
-  EventPair events;
+  bench::EventTimer events;
   double layer_seconds = 0.0, baseline_seconds = 0.0;
   for (auto _ : state) {
-    spin_kernel<<<1, 1, 0, stream>>>(1000000);  // ~0.5 ms: longer than enqueueing one step
+    bench::spin_kernel<<<1, 1, 0, stream>>>(1000000);  // ~0.5 ms: longer than enqueueing one step
     qcuda::check_launch("spin_kernel");
     QLORA_CUDA_CHECK(cudaEventRecord(events[0], stream));
     step();

@@ -20,6 +20,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include "support/cuda_timing.cuh"
 #include "support/layer_shapes.hpp"
 
 #include <cstdio>
@@ -31,40 +32,6 @@ namespace {
 using namespace qlora;
 namespace qcuda = qlora::cuda;  // `cuda::` alone is ambiguous with CCCL's ::cuda under `using namespace qlora`
 
-/// Start/stop events for the operation and the baseline copy.
-class EventTimer {
- public:
-  EventTimer() {
-    for (auto*& event : events_) QLORA_CUDA_CHECK(cudaEventCreate(&event));
-  }
-  EventTimer(const EventTimer&) = delete;
-  EventTimer& operator=(const EventTimer&) = delete;
-  ~EventTimer() {
-    for (auto* event : events_) (void)cudaEventDestroy(event);
-  }
-  cudaEvent_t operator[](int i) const { return events_[i]; }
-  /// Seconds between events a and b (after synchronizing on b).
-  double seconds(int a, int b) const {
-    QLORA_CUDA_CHECK(cudaEventSynchronize(events_[b]));
-    float milliseconds = 0.0f;
-    QLORA_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, events_[a], events_[b]));
-    return static_cast<double>(milliseconds) * 1e-3;
-  }
-
- private:
-  cudaEvent_t events_[3]{};
-};
-
-/// Keeps the GPU busy for about `cycles` clock cycles, so that the events and
-/// launches enqueued behind it run back to back: without it the host's
-/// launch overhead would be timed as GPU time (the stream is idle after each
-/// iteration's synchronization).
-static __global__ void spin_kernel(long long cycles) {
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
-
 /// Times `operation` and a device-to-device copy of `bytes` alternately on `stream`.
 template <class Operation>
 void time_against_memcpy(benchmark::State& state, cudaStream_t stream, Operation&& operation, std::size_t bytes) {
@@ -73,10 +40,10 @@ void time_against_memcpy(benchmark::State& state, cudaStream_t stream, Operation
   operation();  // warm-up: module load, caches
   QLORA_CUDA_CHECK(cudaMemcpyAsync(target.data(), source.data(), bytes, cudaMemcpyDeviceToDevice, stream));
   qcuda::synchronize(stream);
-  EventTimer timer;
+  bench::EventTimer timer;
   double operation_seconds = 0.0, copy_seconds = 0.0;
   for (auto _ : state) {
-    spin_kernel<<<1, 1, 0, stream>>>(200000);  // ~0.1 ms: longer than enqueueing what follows
+    bench::spin_kernel<<<1, 1, 0, stream>>>(200000);  // ~0.1 ms: longer than enqueueing what follows
     QLORA_CUDA_CHECK(cudaGetLastError());
     QLORA_CUDA_CHECK(cudaEventRecord(timer[0], stream));
     operation();
