@@ -3,6 +3,7 @@
 // PEFT adapter files.
 #pragma once
 
+#include <qlora/lora/adapter_binding.hpp>
 #include <qlora/lora/adapter_config.hpp>
 #include <qlora/lora/dropout.hpp>
 #include <qlora/lora/frozen_weight.hpp>
