@@ -124,9 +124,13 @@ class SafetensorsWriter {
 
   /// Writes the file to `path` atomically (see write_file_atomically).
   void write(const std::filesystem::path& path) const {
-    const Layout layout = lay_out();
-    write_file_atomically(
-        path, [&](AtomicFile& file) { emit(layout, [&](std::span<const std::byte> bytes) { file.write(bytes); }); });
+    write_file_atomically(path, [&](AtomicFile& file) { write_to(file); });
+  }
+
+  /// Writes the file into an open AtomicFile, which the caller commits: for
+  /// files that must be staged together before any of them is replaced.
+  void write_to(AtomicFile& file) const {
+    emit(lay_out(), [&](std::span<const std::byte> bytes) { file.write(bytes); });
   }
 
  private:

@@ -272,9 +272,11 @@ inline PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
 /// Writes `adapter` into `dir` (created if needed) as peft's save_pretrained
 /// does: adapter_model.safetensors (F32, byte-identical to
 /// safetensors.torch.save_file of the same tensors) then adapter_config.json.
-/// Everything is checked and serialised before the first file is touched, and
-/// each file is replaced atomically; only an I/O failure between the two
-/// renames can leave new weights beside the old config.
+/// Everything is checked and serialised before the first file is touched; both
+/// files are then written in full beside their final names and only then
+/// renamed over them, so a failure while writing (a full disk, a kill) leaves
+/// the previous adapter intact. Only a crash between the two renames (the
+/// config's fsync) can leave new weights beside the old config.
 inline void write_peft_adapter(const std::filesystem::path& dir, const PeftAdapter& adapter) {
   detail::check_adapter_consistent(adapter);
   const std::string config_text = adapter_config_json(adapter.config);
@@ -293,8 +295,12 @@ inline void write_peft_adapter(const std::filesystem::path& dir, const PeftAdapt
   std::filesystem::create_directories(dir, error);
   check(!error && std::filesystem::is_directory(dir), "IoError", "cannot create the adapter directory {}: {}",
         dir.string(), error ? error.message() : "a file of that name exists");
-  weights.write(dir / peft_weights_file_name);
-  write_file_atomically(dir / peft_config_file_name, [&](AtomicFile& file) { file.write(config_text); });
+  AtomicFile weights_file(dir / peft_weights_file_name);
+  weights.write_to(weights_file);
+  AtomicFile config_file(dir / peft_config_file_name);
+  config_file.write(config_text);
+  weights_file.commit();
+  config_file.commit();
 }
 
 /// Throws Error("AdapterMismatch") unless `adapter` fits the model whose
