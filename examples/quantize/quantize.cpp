@@ -100,30 +100,20 @@ bool is_float_dtype(DType dtype) { return dtype == DType::F32 || dtype == DType:
 
 /// The tensor's values as float (exact for all three float types).
 std::vector<float> to_floats(const SafetensorsTensor& tensor) {
-  switch (tensor.dtype) {
-    case DType::F32: return tensor.read<float>();
-    case DType::F16: {
-      std::vector<float> out;
-      for (const fp16 v : tensor.read<fp16>()) out.push_back(v.to_float());
-      return out;
-    }
-    default: {
-      std::vector<float> out;
-      for (const bf16 v : tensor.read<bf16>()) out.push_back(v.to_float());
-      return out;
-    }
-  }
+  return visit_float_dtype(tensor.dtype, [&]<class T>(T) {
+    std::vector<float> out;
+    for (const T v : tensor.read<T>()) out.push_back(to_float(v));
+    return out;
+  }, tensor.name);
 }
 
 /// Quantizes `tensor` in its own dtype, as bitsandbytes would from that dtype.
 Quantized4bit quantize(const SafetensorsTensor& tensor, const Options& options) {
   const Quantize4bitOptions q{.blocksize = options.blocksize, .double_quant = options.double_quant, .threads = options.threads};
   return visit_quant_type(options.quant_type, [&]<class Q>(Q) {
-    switch (tensor.dtype) {
-      case DType::F32: return quantize_4bit<Q, float>(tensor.read<float>(), tensor.shape, q);
-      case DType::F16: return quantize_4bit<Q, fp16>(tensor.read<fp16>(), tensor.shape, q);
-      default: return quantize_4bit<Q, bf16>(tensor.read<bf16>(), tensor.shape, q);
-    }
+    return visit_float_dtype(tensor.dtype, [&]<class T>(T) {
+      return quantize_4bit<Q, T>(tensor.read<T>(), tensor.shape, q);
+    }, tensor.name);
   });
 }
 
