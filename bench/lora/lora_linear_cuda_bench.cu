@@ -100,7 +100,7 @@ void lora_linear_cuda_step(benchmark::State& state) {
   std::uint64_t call = 0;
   const auto step = [&] {
     const qcuda::LoraActivations saved =
-        layer.forward_train(device_view(x, tokens, in), device_view(y, tokens, out), {.seed = 5, .call = call++});
+        layer.forward_train(device_view(x, tokens, in), device_view(y, tokens, out), DropoutKey{.seed = 5, .call = call++});
     layer.backward(saved, device_view(dy, tokens, out), device_view(dx, tokens, in));
     activation_bytes = saved.bytes();
   };

@@ -126,3 +126,35 @@ TEST_CASE("loading refuses an adapter that does not fit the layer", "[adapter_bi
   load_adapter_weights(nf4, adapter);
   CHECK(as_double<float>(nf4.lora_B()) != std::vector<double>(nf4.lora_B().numel(), 0.0));
 }
+
+TEST_CASE("a trained bias travels with the adapter (bias = \"lora_only\")", "[adapter_binding]") {
+  LoraConfig config;
+  config.r = 2;
+  config.lora_alpha = 4;
+  config.bias = LoraBias::lora_only;
+  config.target_modules = {"fc1"};
+  const Tensor w = filled<float>({8, 6}, 11, 0.05), bias = filled<float>({8}, 12, 0.1);
+  Layer trained("model.layers.0.mlp.fc1", FrozenWeight<NoQuant, float>(w.view()), bias.view(), config);
+  for (float& v : trained.bias().span<float>()) v += 0.25f;  // as an optimizer step would
+
+  PeftAdapter adapter;
+  adapter.config.lora = config;
+  adapter.modules.push_back(adapter_weights_of(trained));
+  auto saved_bias = trained_bias_of(trained);
+  REQUIRE(saved_bias.has_value());
+  CHECK(saved_bias->first == "model.layers.0.mlp.fc1.base_layer.bias");
+  adapter.saved_tensors.push_back(std::move(*saved_bias));
+  const test::TempDir dir;
+  write_peft_adapter(dir.path(), adapter);
+
+  const PeftAdapter read = read_peft_adapter(dir.path());
+  Layer fresh("model.layers.0.mlp.fc1", FrozenWeight<NoQuant, float>(w.view()), bias.view(), config);
+  load_adapter_weights(fresh, read);
+  CHECK(as_double<float>(fresh.bias()) == as_double<float>(trained.bias()));
+
+  PeftAdapter without_bias;
+  without_bias.config.lora = config;
+  without_bias.modules.push_back(adapter_weights_of(trained));
+  require_error([&] { load_adapter_weights(fresh, without_bias); }, "AdapterMismatch",
+                "no trained bias `base_model.model.model.layers.0.mlp.fc1.base_layer.bias`");
+}

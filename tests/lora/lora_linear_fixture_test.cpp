@@ -85,6 +85,15 @@ void check_against_torch(const json& c, const SafetensorsReader& fixture, const 
               << torch.at("max_abs_err").get<double>() << " rms " << torch.at("rms_err").get<double>());
   CHECK(e.max_abs <= 2 * torch.at("max_abs_err").get<double>());
   CHECK(e.rms <= 2 * torch.at("rms_err").get<double>());
+  // Where torch's own error is far above the best possible (its CPU backward multiplies by a
+  // bf16-rounded weight whatever the compute dtype, so its fp32/fp16 dx errs by up to 55,000x the
+  // floor), 2x torch proves little. For the outputs rounded to the compute dtype, also bound ours by
+  // the floor itself: one rounding of the truth (round_max_abs_err; 2x, since an fp32 sum next to a
+  // rounding boundary can round the other way) plus the fp32 accumulation error, below 1e-6 of the
+  // outputs' rms for sums of up to 10240 terms of these magnitudes.
+  if (torch.contains("round_max_abs_err")) {
+    CHECK(e.max_abs <= 2 * torch.at("round_max_abs_err").get<double>() + 1e-6 * torch.at("truth_rms").get<double>());
+  }
 }
 
 template <class Quant, class Compute>

@@ -136,16 +136,16 @@ TEST_CASE("fp32 dense layer: forward and backward equal a float64 evaluation", "
   };
   Tensor x_probe(DType::F32, {tokens, in});
   std::ranges::copy(x.span<const float>(), x_probe.span<float>().begin());
-  for (const std::int64_t i : {0L, 13L, 69L, 300L, tokens * in - 1}) {
+  for (const std::int64_t i : {std::int64_t{0}, std::int64_t{13}, std::int64_t{69}, std::int64_t{300}, tokens * in - 1}) {
     CHECK(finite_difference(x_probe.span<float>()[i], x_probe) == Approx(dx.span<const float>()[i]).margin(1e-4));
   }
-  for (const std::int64_t i : {0L, 17L, 6L * 70 - 1}) {
+  for (const std::int64_t i : {0, 17, 6 * 70 - 1}) {
     CHECK(finite_difference(layer.lora_A().span<float>()[i], x) == Approx(layer.grad_A().span<const float>()[i]).margin(1e-4));
   }
-  for (const std::int64_t i : {0L, 31L, 45L * 6 - 1}) {
+  for (const std::int64_t i : {0, 31, 45 * 6 - 1}) {
     CHECK(finite_difference(layer.lora_B().span<float>()[i], x) == Approx(layer.grad_B().span<const float>()[i]).margin(1e-4));
   }
-  for (const std::int64_t i : {0L, 44L}) {
+  for (const std::int64_t i : {0, 44}) {
     CHECK(finite_difference(layer.bias().span<float>()[i], x) == Approx(layer.grad_bias().span<const float>()[i]).margin(1e-4));
   }
 
@@ -213,7 +213,7 @@ TEST_CASE("dropout: one mask per key, applied to the adapter input only", "[lora
   layer.forward(x.view(), y_inference.view());
   CHECK(max_abs_diff(as_double<float>(y_inference.view()), reference_forward(dense_of(layer), as_double<float>(x.view()), tokens)) < 1e-5);
   Tensor y_other(DType::F32, {tokens, out});
-  (void)layer.forward_train(x.view(), y_other.view(), {.seed = 99, .call = 8});
+  (void)layer.forward_train(x.view(), y_other.view(), DropoutKey{.seed = 99, .call = 8});
   CHECK(max_abs_diff(as_double<float>(y_other.view()), as_double<float>(y.view())) > 1e-3);
 
   // Backward uses the same mask: dA = s·(dy·B)ᵀ·(m⊙x).
@@ -223,8 +223,8 @@ TEST_CASE("dropout: one mask per key, applied to the adapter input only", "[lora
   const Dense d = dense_of(layer);
   const auto xv = as_double<float>(x.view());
   const auto dyv = as_double<float>(dy.view());
-  for (const std::int64_t k : {0L, 7L}) {
-    for (const std::int64_t i : {0L, 50L, 95L}) {
+  for (const std::int64_t k : {0, 7}) {
+    for (const std::int64_t i : {0, 50, 95}) {
       double expected = 0;
       for (std::int64_t t = 0; t < tokens; ++t) {
         double gb = 0;
@@ -255,10 +255,15 @@ TEST_CASE("init: PEFT's distributions, B = 0, a fresh adapter changes nothing", 
   // std 1/r = 0.0625 over 4096 draws: the sample std is within ~1.1% (1 sigma); allow 5%.
   CHECK(std::sqrt(sum_squares / 4096.0) == Approx(1.0 / 16).epsilon(0.05));
 
-  // bf16 compute: initial A values are bf16 numbers (PEFT's cast to the compute dtype and back).
+  // PEFT casts A to the base weight's dtype and back when that is a float type: over a dense bf16
+  // base the initial values are bf16 numbers; a bitsandbytes 4-bit weight is uint8, so A stays fp32.
   const Tensor wb = filled<bf16>({out, in}, 81, 0.05);
+  LoraLinear<NoQuant, bf16> dense("proj", FrozenWeight<NoQuant, bf16>(wb.view()), TensorView{}, config_with(8, 16.0));
+  for (const float v : dense.lora_A().span<const float>()) CHECK(to_float(from_float<bf16>(v)) == v);
   LoraLinear<NF4, bf16> q("proj", FrozenWeight<NF4, bf16>::quantize(wb.view()), TensorView{}, config_with(8, 16.0));
-  for (const float v : q.lora_A().span<const float>()) CHECK(to_float(from_float<bf16>(v)) == v);
+  std::int64_t not_bf16 = 0;
+  for (const float v : q.lora_A().span<const float>()) not_bf16 += to_float(from_float<bf16>(v)) != v;
+  CHECK(not_bf16 > q.lora_A().numel() / 2);  // fp32 draws: almost none is a bf16 number
 
   const Tensor x = filled<float>({3, in}, 91, 1.0);
   Tensor with_adapter(DType::F32, {3, out}), base_only(DType::F32, {3, out});
@@ -297,8 +302,32 @@ TEST_CASE("merge: W̃ + s·B·A, re-quantized with its error reported; unmerge i
   CHECK(report.relative_rms_error < 0.2);
   Tensor y_merged(DType::BF16, {tokens, out});
   layer.forward(x.view(), y_merged.view());
-  CHECK(max_abs_diff(as_double<bf16>(y_merged.view()), as_double<bf16>(before.view())) > 0);
+  // The merged base differs from W̃ + s·B·A by at most report.max_abs_error per element, so each output
+  // moves by at most that times Σ|x| over the row, plus a bf16 rounding of each side (2^-8 |y|).
+  const auto xv = as_double<bf16>(x.view()), merged_y = as_double<bf16>(y_merged.view()), before_y = as_double<bf16>(before.view());
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    double x_l1 = 0;
+    for (std::int64_t i = 0; i < in; ++i) x_l1 += std::abs(xv[t * in + i]);
+    for (std::int64_t o = 0; o < out; ++o) {
+      const double a = merged_y[t * out + o], b = before_y[t * out + o];
+      CHECK(std::abs(a - b) <= report.max_abs_error * x_l1 + (std::abs(a) + std::abs(b)) * 0x1p-8);
+    }
+  }
+  CHECK(max_abs_diff(merged_y, before_y) > 0);
   CHECK_THROWS_WITH(layer.forward_train(x.view(), y_merged.view()), Catch::Contains("AdapterMerged"));
+  CHECK_THROWS_WITH(layer.set_adapter_weights(layer.lora_A(), layer.lora_B()), Catch::Contains("AdapterMerged"));
+
+  // Disabling the adapter of a merged layer gives the base alone, as PEFT's disable_adapter does.
+  Tensor base_only(DType::BF16, {tokens, out}), merged_disabled(DType::BF16, {tokens, out});
+  layer.unmerge();
+  layer.set_adapter_enabled(false);
+  layer.forward(x.view(), base_only.view());
+  layer.set_adapter_enabled(true);
+  (void)layer.merge();
+  layer.set_adapter_enabled(false);
+  layer.forward(x.view(), merged_disabled.view());
+  CHECK(as_double<bf16>(merged_disabled.view()) == as_double<bf16>(base_only.view()));
+  layer.set_adapter_enabled(true);
   layer.unmerge();
   Tensor after(DType::BF16, {tokens, out});
   layer.forward(x.view(), after.view());
@@ -340,6 +369,32 @@ TEST_CASE("bad input: a named error saying what was expected", "[lora_linear]") 
   const LoraActivations saved = layer.forward_train(x.view(), y.view());
   Tensor dy_wrong(DType::F32, {3, 32}), dx(DType::F32, {2, 48});
   CHECK_THROWS_WITH(layer.backward(saved, dy_wrong.view(), dx.view()), Catch::Contains("dy is [3, 32], expected [2, 32]"));
+
+  // A half-bad adapter changes nothing: B's dtype is checked before A is written.
+  const std::vector<double> a_before = as_double<float>(layer.lora_A());
+  const Tensor a_good = filled<float>({4, 48}, 9, 1.0), b_int(DType::I32, {32, 4});
+  CHECK_THROWS_WITH(layer.set_adapter_weights(a_good.view(), b_int.view()), Catch::Contains("lora_B is I32"));
+  CHECK(as_double<float>(layer.lora_A()) == a_before);
+
+  // A view with a shape but no data is refused, not taken for "no bias".
+  const TensorView null_bias(nullptr, DType::F32, {32});
+  CHECK_THROWS_WITH(with_bias(null_bias), Catch::Contains("NullPointer") && Catch::Contains("bias has no data"));
+
+  // Dropout needs a key: a default one would repeat the same mask at every step.
+  auto dropping = make(config_with(4, 8.0, 0.1));
+  CHECK_THROWS_WITH(dropping.forward_train(x.view(), y.view()), Catch::Contains("DropoutKeyRequired"));
+
+  // Patterns are regular expressions, checked as the config is validated.
+  LoraConfig bad_regex = config_with(4, 8.0);
+  bad_regex.rank_pattern = {{"layers.(0", 8}};
+  CHECK_THROWS_WITH(make(bad_regex), Catch::Contains("InvalidLoraConfig") && Catch::Contains("layers.(0"));
+
+  // Activations of another call size are refused.
+  Tensor x3 = filled<float>({3, 48}, 1, 1.0), y3(DType::F32, {3, 32});
+  LoraActivations other = layer.forward_train(x3.view(), y3.view());
+  other.xa = Tensor(DType::F32, {2, 4});
+  Tensor dy3(DType::F32, {3, 32});
+  CHECK_THROWS_WITH(layer.backward(other, dy3.view(), TensorView{}), Catch::Contains("saved xa"));
 
   // A 4-bit weight of the other type is refused by the layer that expects NF4.
   const Tensor wb = filled<bf16>({32, 48}, 1, 0.05);

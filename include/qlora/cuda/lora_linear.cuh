@@ -172,6 +172,7 @@ class LoraLinear<Quant, Compute, Cuda> {
 
  public:
   using Base = FrozenWeight<Quant, Compute>;
+  using CpuLayer = LoraLinear<Quant, Compute, Cpu>;
   /// The base as it lives on the device.
   using DeviceBase = std::conditional_t<dense_base, cuda::DeviceBuffer<Compute>, cuda::DeviceQuantized4bit>;
 
@@ -196,15 +197,15 @@ class LoraLinear<Quant, Compute, Cuda> {
         b_(element_count(out_, rank_), stream_),
         grad_a_(a_.size(), stream_),
         grad_b_(b_.size(), stream_) {
-    if (bias.raw_data() != nullptr) {
-      check(bias.rank() == 1 && bias.shape()[0] == out_features(), "ShapeMismatch", "{}: bias is {}, expected [{}]",
-            path_, bias.shape().to_string(), out_features());
+    if (!detail::LayerArguments<Compute>::absent(bias)) {
+      arguments().bias(bias, out_);
       bias_ = cuda::DeviceBuffer<float>(static_cast<std::size_t>(out_), stream_);
       grad_bias_ = cuda::DeviceBuffer<float>(static_cast<std::size_t>(out_), stream_);
       upload_floats(bias, bias_, "bias");
     }
     std::vector<float> a(a_.size());
-    init_lora_a<Compute>(a, rank_, in_, config.init, options.init_seed, options.init_stream);
+    init_lora_a<typename CpuLayer::InitialRounding>(a, rank_, in_, config.init, options.init_seed,
+                                                    options.init_stream);  // as the CPU layer does
     cuda::copy_to_device(a_.data(), std::span<const float>(a), stream_);  // pageable: `a` is staged before the return
     QLORA_CUDA_CHECK(cudaMemsetAsync(b_.data(), 0, b_.size_bytes(), stream_));
     zero_grad();
@@ -247,10 +248,18 @@ class LoraLinear<Quant, Compute, Cuda> {
   /// Replaces A [r, in] and B [out, r]: host views in F32, F16 or BF16 (e.g.
   /// from a PEFT file), or F32 device views (copied on the layer's stream).
   void set_adapter_weights(const TensorView& a, const TensorView& b) {
-    arguments().shape(a, {rank_, in_}, "lora_A");
-    arguments().shape(b, {out_, rank_}, "lora_B");
+    check(!merged_, "AdapterMerged", "{}: set_adapter_weights on a merged layer; unmerge() first", path_);
+    arguments().adapter_factors(a, b, rank_, in_, out_);
     upload_floats(a, a_, "lora_A");
     upload_floats(b, b_, "lora_B");
+  }
+
+  /// Replaces the bias [out]: a host view in any float dtype or an F32 device view.
+  void set_bias(const TensorView& bias) {
+    check(has_bias(), "ShapeMismatch", "{}: set_bias on a layer built without a bias", path_);
+    check(!merged_, "AdapterMerged", "{}: set_bias on a merged layer; unmerge() first", path_);
+    arguments().bias(bias, out_);
+    upload_floats(bias, bias_, "bias");
   }
 
   void zero_grad() {
@@ -268,7 +277,7 @@ class LoraLinear<Quant, Compute, Cuda> {
     const std::int64_t tokens = arguments().input_output(x, in_, y, out_);
     if (tokens == 0) return;
     prepare_cublas();
-    const DeviceBase& weight = merged_ ? *merged_ : base_;
+    const DeviceBase& weight = merged_ && adapter_enabled_ ? *merged_ : base_;  // disabled: the base alone
     const Compute* x_data = x.data<const Compute>();
     if (!adapter_active()) {
       project(weight, x_data, tokens, nullptr, y.data<Compute>());
@@ -281,12 +290,16 @@ class LoraLinear<Quant, Compute, Cuda> {
 
   /// Training forward: as forward(), with dropout on the adapter input drawn
   /// from `key`; returns what backward() needs (device buffers).
-  [[nodiscard]] cuda::LoraActivations forward_train(const TensorView& x, const TensorView& y, DropoutKey key = {}) const {
+  [[nodiscard]] cuda::LoraActivations forward_train(const TensorView& x, const TensorView& y,
+                                                    std::optional<DropoutKey> key = std::nullopt) const {
     check(!merged_, "AdapterMerged", "{}: forward_train on a merged layer; unmerge() first", path_);
     check(adapter_enabled_, "AdapterDisabled", "{}: forward_train with the adapter disabled", path_);
+    check(key.has_value() || dropout_probability_ == 0.0f, "DropoutKeyRequired",
+          "{}: lora_dropout is {}: forward_train needs a DropoutKey unique to this step and layer", path_,
+          dropout_probability_);
     const std::int64_t tokens = arguments().input_output(x, in_, y, out_);
     cuda::LoraActivations saved;
-    saved.dropout = DropoutMask{key, dropout_probability_};
+    saved.dropout = DropoutMask{key.value_or(DropoutKey{}), dropout_probability_};
     saved.dtype = dtype_of_v<Compute>;
     saved.token_count = tokens;
     saved.in_features = in_;
@@ -307,10 +320,13 @@ class LoraLinear<Quant, Compute, Cuda> {
   void backward(const cuda::LoraActivations& saved, const TensorView& dy, const TensorView& dx) {
     const std::int64_t tokens = saved.tokens();
     arguments().tensor(dy, {tokens, out_}, "dy");
-    const bool want_dx = dx.raw_data() != nullptr;
+    const bool want_dx = !detail::LayerArguments<Compute>::absent(dx);
     if (want_dx) arguments().tensor(dx, {tokens, in_}, "dx");
     check(saved.rank == rank_ && saved.in_features == in_ && saved.dtype == dtype_of_v<Compute>, "ShapeMismatch",
           "{}: activations are from a layer of another shape", path_);
+    check(tokens >= 0 && saved.x.size() == static_cast<std::size_t>(tokens * in_) * sizeof(Compute) &&
+              saved.xa.size() == static_cast<std::size_t>(tokens * rank_),
+          "ShapeMismatch", "{}: activations hold buffers of another size than {} tokens", path_, tokens);
     if (tokens == 0) return;
     prepare_cublas();
     const Compute* g = dy.data<const Compute>();

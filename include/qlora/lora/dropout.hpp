@@ -22,7 +22,8 @@ struct DropoutKey {
   std::uint64_t call = 0;
 };
 
-/// Keep-probability 1 - p, evaluated per element without any state.
+/// The mask of one call: drop probability p, each element kept with probability
+/// 1 - p, evaluated per element without any state.
 struct DropoutMask {
   DropoutKey key;
   float probability = 0.0f;  ///< p, in [0, 1)

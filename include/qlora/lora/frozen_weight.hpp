@@ -9,6 +9,8 @@
 // dequantize_4bit output dtype), here widened back to float for the GEMM.
 #pragma once
 
+#include <fmt/ranges.h>
+
 #include <qlora/core/dtype.hpp>
 #include <qlora/core/error.hpp>
 #include <qlora/core/tensor.hpp>
@@ -22,6 +24,17 @@
 #include <utility>
 
 namespace qlora {
+
+namespace detail {
+/// A tile must lie inside the [rows, cols] weight and fit rows of `ld` floats.
+inline void check_tile(std::int64_t row_begin, std::int64_t row_end, std::int64_t col_begin, std::int64_t col_end,
+                       std::int64_t ld, std::int64_t rows, std::int64_t cols) {
+  check(0 <= row_begin && row_begin <= row_end && row_end <= rows && 0 <= col_begin && col_begin <= col_end &&
+            col_end <= cols && ld >= col_end - col_begin,
+        "ShapeMismatch", "tile rows [{}, {}) x cols [{}, {}) (row stride {}) is outside the [{}, {}] weight", row_begin,
+        row_end, col_begin, col_end, ld, rows, cols);
+}
+}  // namespace detail
 
 template <QuantPolicy Quant, FloatStorage Compute>
 class FrozenWeight;
@@ -37,7 +50,7 @@ class FrozenWeight<Quant, Compute> {
     check(state.quant_type == quant_type_of<Quant>, "QuantTypeMismatch", "base weight is {}, the layer expects {}",
           quant_type_name(state.quant_type), quant_type_name(quant_type_of<Quant>));
     check(state.shape.size() == 2 && state.shape[0] > 0 && state.shape[1] > 0, "ShapeMismatch",
-          "base weight must be [out_features, in_features], got rank {}", state.shape.size());
+          "base weight must be [out_features, in_features] with both > 0, got [{}]", fmt::join(state.shape, ", "));
     state.validate(weight_.packed.size());
   }
 
@@ -68,6 +81,7 @@ class FrozenWeight<Quant, Compute> {
   /// [row_begin, row_end) x [col_begin, col_end).
   void dequantize_tile(std::int64_t row_begin, std::int64_t row_end, std::int64_t col_begin, std::int64_t col_end,
                        float* out, std::int64_t ld) const {
+    detail::check_tile(row_begin, row_end, col_begin, col_end, ld, out_features(), in_features());
     const std::int64_t in = in_features();
     const std::int64_t blocksize = weight_.state.blocksize;
     const std::uint8_t* packed = weight_.packed.data();
@@ -120,6 +134,7 @@ class FrozenWeight<NoQuant, Compute> {
 
   void dequantize_tile(std::int64_t row_begin, std::int64_t row_end, std::int64_t col_begin, std::int64_t col_end,
                        float* out, std::int64_t ld) const {
+    detail::check_tile(row_begin, row_end, col_begin, col_end, ld, out_features(), in_features());
     const Compute* values = weight_.view().data<const Compute>();
     const std::int64_t in = in_features();
     for (std::int64_t row = row_begin; row < row_end; ++row) {

@@ -81,6 +81,17 @@ struct LoraConfig {
       check(std::isfinite(alpha) && alpha > 0, "InvalidLoraConfig", "alpha_pattern[\"{}\"] = {}: expected a value > 0",
             key, alpha);
     }
+    // Patterns are regular expressions: one that does not compile is a config error, not a std::regex_error later.
+    const auto compiles = [](std::string_view field, const std::string& pattern) {
+      try {
+        (void)std::regex(pattern);
+      } catch (const std::regex_error& e) {
+        throw Error("InvalidLoraConfig", fmt::format("{} \"{}\" is not a valid regular expression: {}", field, pattern, e.what()));
+      }
+    };
+    if (target_modules_regex) compiles("target_modules", *target_modules_regex);
+    for (const auto& entry : rank_pattern) compiles("rank_pattern key", entry.first);
+    for (const auto& entry : alpha_pattern) compiles("alpha_pattern key", entry.first);
   }
 
   /// Whether PEFT would wrap the module at `path` with LoRA.

@@ -8,9 +8,10 @@
 //   B = 0 in both, so a fresh adapter leaves the layer's output unchanged.
 //
 // The values are not torch's (torch draws from its own Mersenne Twister); what
-// matches is the distribution. PEFT's QLoRA quirk (A is created in fp32,
-// moved to the base layer's compute dtype, then cast back to fp32, so initial
-// values are compute-dtype numbers) is reproduced by `round_to`.
+// matches is the distribution. PEFT's dtype quirk (A is created in fp32, cast
+// to the base weight's dtype when that is a float type, then back to fp32, so
+// over a bf16 nn.Linear the initial values are bf16 numbers; a bitsandbytes
+// 4-bit weight is uint8, so there A stays fp32) is reproduced by `RoundTo`.
 #pragma once
 
 #include <qlora/core/dtype.hpp>
@@ -28,7 +29,7 @@ namespace qlora {
 /// Fills `a` ([r, in_features], row-major) with the initial A for the adapter
 /// of one module; `stream` tells modules apart (e.g. their index in the model).
 /// Values are rounded through `RoundTo` (float: no rounding) to mirror PEFT's
-/// cast of the adapter to the base layer's compute dtype and back.
+/// cast of the adapter to the base weight's float dtype and back.
 template <FloatStorage RoundTo = float>
 void init_lora_a(std::span<float> a, int r, std::int64_t in_features, LoraInit init, std::uint64_t seed,
                  std::uint64_t stream) {

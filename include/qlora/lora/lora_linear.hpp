@@ -45,12 +45,13 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace qlora {
 
-template <QuantPolicy Quant = NF4, FloatStorage Compute = bf16, Backend Device = Cpu>
+template <QuantPolicy Quant = NF4, FloatStorage Compute = bf16, Backend Target = Cpu>
 class LoraLinear;
 
 /// What a training forward keeps for its backward.
@@ -97,15 +98,20 @@ class LoraLinear<Quant, Compute, Cpu> {
         b_(DType::F32, Shape{out_features(), rank_}),
         grad_a_(DType::F32, Shape{rank_, in_features()}),
         grad_b_(DType::F32, Shape{out_features(), rank_}) {
-    if (bias.raw_data() != nullptr) {
-      check(bias.rank() == 1 && bias.shape()[0] == out_features(), "ShapeMismatch",
-            "{}: bias is {}, expected [{}]", path_, bias.shape().to_string(), out_features());
+    if (!detail::LayerArguments<Compute>::absent(bias)) {
+      arguments().bias(bias, out_features());
       bias_ = Tensor(DType::F32, Shape{out_features()});
       grad_bias_ = Tensor(DType::F32, Shape{out_features()});
       widen_into(bias, bias_->span<float>(), "bias");
     }
-    init_lora_a<Compute>(a_.span<float>(), rank_, in_features(), config.init, options.init_seed, options.init_stream);
+    init_lora_a<InitialRounding>(a_.span<float>(), rank_, in_features(), config.init, options.init_seed,
+                                 options.init_stream);
   }
+
+  /// What PEFT rounds A's initial values through: it casts the adapter to the
+  /// base weight's dtype when that is a float type — the Compute type of a
+  /// dense base; a bitsandbytes 4-bit weight is uint8, so A stays fp32.
+  using InitialRounding = std::conditional_t<std::is_same_v<Quant, NoQuant>, Compute, float>;
 
   [[nodiscard]] const std::string& path() const noexcept { return path_; }
   [[nodiscard]] std::int64_t in_features() const noexcept { return base_.in_features(); }
@@ -125,12 +131,21 @@ class LoraLinear<Quant, Compute, Cpu> {
   [[nodiscard]] TensorView bias() const noexcept { return bias_ ? bias_->view() : TensorView{}; }
   [[nodiscard]] TensorView grad_bias() const noexcept { return grad_bias_ ? grad_bias_->view() : TensorView{}; }
 
-  /// Replaces A [r, in] and B [out, r] (F32, F16 or BF16), e.g. from a PEFT file.
+  /// Replaces A [r, in] and B [out, r] (F32, F16 or BF16), e.g. from a PEFT
+  /// file. Refused on a merged layer, whose merged base would go stale.
   void set_adapter_weights(const TensorView& a, const TensorView& b) {
-    arguments().shape(a, {rank_, in_features()}, "lora_A");
-    arguments().shape(b, {out_features(), rank_}, "lora_B");
+    check(!merged_, "AdapterMerged", "{}: set_adapter_weights on a merged layer; unmerge() first", path_);
+    arguments().adapter_factors(a, b, rank_, in_features(), out_features());
     widen_into(a, a_.span<float>(), "lora_A");
     widen_into(b, b_.span<float>(), "lora_B");
+  }
+
+  /// Replaces the bias [out] (any float dtype), e.g. a trained one from a PEFT file.
+  void set_bias(const TensorView& bias) {
+    check(has_bias(), "ShapeMismatch", "{}: set_bias on a layer built without a bias", path_);
+    check(!merged_, "AdapterMerged", "{}: set_bias on a merged layer; unmerge() first", path_);
+    arguments().bias(bias, out_features());
+    widen_into(bias, bias_->span<float>(), "bias");
   }
 
   void zero_grad() {
@@ -146,7 +161,7 @@ class LoraLinear<Quant, Compute, Cpu> {
   void forward(const TensorView& x, const TensorView& y) const {
     const std::int64_t tokens = arguments().input_output(x, in_features(), y, out_features());
     const std::vector<float> x_float = widen(x);
-    const Base& weight = merged_ ? *merged_ : base_;
+    const Base& weight = merged_ && adapter_enabled_ ? *merged_ : base_;  // disabled: the base alone
     if (!adapter_active()) {
       project(weight, x_float.data(), tokens, nullptr, y);
       return;
@@ -156,13 +171,18 @@ class LoraLinear<Quant, Compute, Cpu> {
   }
 
   /// Training forward: as forward(), with dropout on the adapter input drawn
-  /// from `key`; returns what backward() needs.
-  [[nodiscard]] LoraActivations forward_train(const TensorView& x, const TensorView& y, DropoutKey key = {}) const {
+  /// from `key`; returns what backward() needs. With lora_dropout > 0 the key
+  /// is required: a default one would give every step the same mask.
+  [[nodiscard]] LoraActivations forward_train(const TensorView& x, const TensorView& y,
+                                              std::optional<DropoutKey> key = std::nullopt) const {
     check(!merged_, "AdapterMerged", "{}: forward_train on a merged layer; unmerge() first", path_);
     check(adapter_enabled_, "AdapterDisabled", "{}: forward_train with the adapter disabled", path_);
+    check(key.has_value() || dropout_probability_ == 0.0f, "DropoutKeyRequired",
+          "{}: lora_dropout is {}: forward_train needs a DropoutKey unique to this step and layer", path_,
+          dropout_probability_);
     const std::int64_t tokens = arguments().input_output(x, in_features(), y, out_features());
     LoraActivations saved{Tensor(dtype_of_v<Compute>, x.shape()), Tensor(DType::F32, Shape{tokens, rank_}),
-                          DropoutMask{key, dropout_probability_}};
+                          DropoutMask{key.value_or(DropoutKey{}), dropout_probability_}};
     std::ranges::copy(x.span<const Compute>(), saved.x.span<Compute>().begin());
     const std::vector<float> x_float = widen(x);
     const std::vector<float> xa = adapter_down(x_float.data(), tokens, saved.dropout);
@@ -176,9 +196,12 @@ class LoraLinear<Quant, Compute, Cpu> {
   void backward(const LoraActivations& saved, const TensorView& dy, const TensorView& dx) {
     const std::int64_t tokens = saved.tokens();
     arguments().tensor(dy, {tokens, out_features()}, "dy");
-    if (dx.raw_data() != nullptr) arguments().tensor(dx, {tokens, in_features()}, "dx");
-    check(saved.xa.shape()[1] == rank_ && saved.x.shape()[1] == in_features(), "ShapeMismatch",
-          "{}: activations are from a layer of another shape", path_);
+    const bool want_dx = !detail::LayerArguments<Compute>::absent(dx);
+    if (want_dx) arguments().tensor(dx, {tokens, in_features()}, "dx");
+    arguments().tensor(saved.x.view(), {tokens, in_features()}, "saved x");
+    check(saved.xa.dtype() == DType::F32 && saved.xa.shape() == Shape{tokens, rank_}, "ShapeMismatch",
+          "{}: saved xa is {} {}, expected F32 [{}, {}]: activations from another layer", path_,
+          dtype_name(saved.xa.dtype()), saved.xa.shape().to_string(), tokens, rank_);
     const std::vector<float> dy_float = widen(dy);
     const float* g = dy_float.data();
     const std::int64_t in = in_features(), out = out_features();
@@ -203,7 +226,6 @@ class LoraLinear<Quant, Compute, Cpu> {
     // dA += s·gbᵀ·drop(x), and dx = dy·W̃ + s·drop'(gb·A), by columns of the input.
     std::vector<float> x_dropped = widen(saved.x.view());
     apply_dropout(x_dropped.data(), tokens, saved.dropout);
-    const bool want_dx = dx.raw_data() != nullptr;
     parallel_for(in, 64, [&](std::int64_t c0, std::int64_t c1) {
       const std::int64_t width = c1 - c0;
       const auto gb_matrix = detail::matrix(gb.data(), tokens, rank_, rank_);

@@ -37,12 +37,38 @@ struct LayerArguments {
     check(t.numel() == 0 || t.raw_data() != nullptr, "NullPointer", "{}: {} has no data", layer, name);
   }
 
+  /// Whether `t` stands for "none" (a default-constructed view). A view with a
+  /// shape but no data is not "none": it is refused as a NullPointer.
+  [[nodiscard]] static bool absent(const TensorView& t) noexcept { return t.raw_data() == nullptr && t.rank() == 0; }
+
+  /// A bias [out] in any float dtype, with data.
+  void bias(const TensorView& t, std::int64_t out) const {
+    shape(t, {out}, "bias");
+    float_values(t, "bias");
+  }
+
+  /// A [r, in] and B [out, r] in float dtypes: both checked before either is used,
+  /// so a bad B never leaves a half-replaced adapter.
+  void adapter_factors(const TensorView& a, const TensorView& b, std::int64_t r, std::int64_t in,
+                       std::int64_t out) const {
+    shape(a, {r, in}, "lora_A");
+    shape(b, {out, r}, "lora_B");
+    float_values(a, "lora_A");
+    float_values(b, "lora_B");
+  }
+
   /// Checks x [T, in] and y [T, out]; returns T.
   std::int64_t input_output(const TensorView& x, std::int64_t in, const TensorView& y, std::int64_t out) const {
     check(x.rank() == 2, "ShapeMismatch", "{}: x is {}, expected [tokens, {}]", layer, x.shape().to_string(), in);
     tensor(x, {x.shape()[0], in}, "x");
     tensor(y, {x.shape()[0], out}, "y");
     return x.shape()[0];
+  }
+
+ private:
+  void float_values(const TensorView& t, std::string_view name) const {
+    visit_float_dtype(t.dtype(), [](auto) {}, fmt::format("{}: {}", layer, name));
+    check(t.numel() == 0 || t.raw_data() != nullptr, "NullPointer", "{}: {} has no data", layer, name);
   }
 };
 
