@@ -13,7 +13,7 @@
 // Construction: from a host FrozenWeight + host bias + LoraConfig +
 // LoraLinearOptions, exactly like the CPU layer. The 4-bit weight is uploaded
 // as a cuda::DeviceQuantized4bit (NoQuant: the dense Compute weight), A is
-// drawn on the host with init_lora_a<Compute> and uploaded, B = 0: a CPU and a
+// drawn on the host as the CPU layer draws it (init_lora_a) and uploaded, B = 0: a CPU and a
 // CUDA layer built from the same arguments start bit-identical.
 //
 // Numerics (the CPU header's rule, so the two backends differ only in the
