@@ -28,7 +28,6 @@
 #include "support/layer_shapes.hpp"
 
 #include <algorithm>
-#include <cstdio>
 #include <vector>
 
 namespace {
@@ -143,15 +142,4 @@ BENCHMARK(lora_linear_cuda_step)
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "SKIPPED: no usable CUDA device; this benchmark needs one\n");
-    return 77;
-  }
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return qlora::bench::run_gpu_benchmarks(argc, argv); }

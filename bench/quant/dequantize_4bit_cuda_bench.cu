@@ -23,7 +23,6 @@
 #include "support/cuda_timing.cuh"
 #include "support/layer_shapes.hpp"
 
-#include <cstdio>
 #include <cstdlib>
 #include <vector>
 
@@ -113,15 +112,4 @@ BENCHMARK(quantize_nf4_cuda)->Apply([](auto* b) { bench::layer_shapes(b, benchma
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "SKIPPED: no usable CUDA device; this benchmark needs one\n");
-    return 77;
-  }
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return qlora::bench::run_gpu_benchmarks(argc, argv); }

@@ -4,7 +4,10 @@
 
 #include <qlora/cuda/common.cuh>
 
+#include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
+
+#include <cstdio>
 
 namespace qlora::bench {
 
@@ -41,6 +44,21 @@ __global__ void spin_kernel(long long cycles) {
   const long long start = clock64();
   while (clock64() - start < cycles) {
   }
+}
+
+/// The main of a GPU benchmark program: exits 77 (skipped) without a usable
+/// device, otherwise runs the registered benchmarks.
+inline int run_gpu_benchmarks(int argc, char** argv) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "SKIPPED: no usable CUDA device; this benchmark needs one\n");
+    return 77;
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
 }
 
 }  // namespace qlora::bench

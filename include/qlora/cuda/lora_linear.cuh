@@ -292,11 +292,7 @@ class LoraLinear<Quant, Compute, Cuda> {
   /// from `key`; returns what backward() needs (device buffers).
   [[nodiscard]] cuda::LoraActivations forward_train(const TensorView& x, const TensorView& y,
                                                     std::optional<DropoutKey> key = std::nullopt) const {
-    check(!merged_, "AdapterMerged", "{}: forward_train on a merged layer; unmerge() first", path_);
-    check(adapter_enabled_, "AdapterDisabled", "{}: forward_train with the adapter disabled", path_);
-    check(key.has_value() || dropout_probability_ == 0.0f, "DropoutKeyRequired",
-          "{}: lora_dropout is {}: forward_train needs a DropoutKey unique to this step and layer", path_,
-          dropout_probability_);
+    arguments().training_forward(merged_.has_value(), adapter_enabled_, key.has_value(), dropout_probability_);
     const std::int64_t tokens = arguments().input_output(x, in_, y, out_);
     cuda::LoraActivations saved;
     saved.dropout = DropoutMask{key.value_or(DropoutKey{}), dropout_probability_};

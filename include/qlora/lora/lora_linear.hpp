@@ -175,11 +175,7 @@ class LoraLinear<Quant, Compute, Cpu> {
   /// is required: a default one would give every step the same mask.
   [[nodiscard]] LoraActivations forward_train(const TensorView& x, const TensorView& y,
                                               std::optional<DropoutKey> key = std::nullopt) const {
-    check(!merged_, "AdapterMerged", "{}: forward_train on a merged layer; unmerge() first", path_);
-    check(adapter_enabled_, "AdapterDisabled", "{}: forward_train with the adapter disabled", path_);
-    check(key.has_value() || dropout_probability_ == 0.0f, "DropoutKeyRequired",
-          "{}: lora_dropout is {}: forward_train needs a DropoutKey unique to this step and layer", path_,
-          dropout_probability_);
+    arguments().training_forward(merged_.has_value(), adapter_enabled_, key.has_value(), dropout_probability_);
     const std::int64_t tokens = arguments().input_output(x, in_features(), y, out_features());
     LoraActivations saved{Tensor(dtype_of_v<Compute>, x.shape()), Tensor(DType::F32, Shape{tokens, rank_}),
                           DropoutMask{key.value_or(DropoutKey{}), dropout_probability_}};

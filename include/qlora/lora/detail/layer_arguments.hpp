@@ -57,6 +57,16 @@ struct LayerArguments {
     float_values(b, "lora_B");
   }
 
+  /// What forward_train needs besides its tensors: an unmerged layer with its
+  /// adapter on, and a dropout key whenever dropout is active (a default key
+  /// would repeat one mask at every step).
+  void training_forward(bool merged, bool adapter_enabled, bool has_key, float dropout) const {
+    check(!merged, "AdapterMerged", "{}: forward_train on a merged layer; unmerge() first", layer);
+    check(adapter_enabled, "AdapterDisabled", "{}: forward_train with the adapter disabled", layer);
+    check(has_key || dropout == 0.0f, "DropoutKeyRequired",
+          "{}: lora_dropout is {}: forward_train needs a DropoutKey unique to this step and layer", layer, dropout);
+  }
+
   /// Checks x [T, in] and y [T, out]; returns T.
   std::int64_t input_output(const TensorView& x, std::int64_t in, const TensorView& y, std::int64_t out) const {
     check(x.rank() == 2, "ShapeMismatch", "{}: x is {}, expected [tokens, {}]", layer, x.shape().to_string(), in);
