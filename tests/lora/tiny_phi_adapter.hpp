@@ -20,6 +20,7 @@
 #include <qlora/lora/peft_adapter.hpp>
 
 #include "support/splitmix.hpp"
+#include "support/tensors.hpp"
 
 namespace qlora::test {
 
@@ -60,10 +61,7 @@ inline AdapterConfig tiny_phi_adapter_config() {
 
 /// An F32 tensor of `shape` holding normalish(numel, seed, scale).
 inline Tensor normalish_tensor(Shape shape, std::uint64_t seed, double scale) {
-  Tensor tensor(DType::F32, shape);
-  const std::vector<float> values = normalish(static_cast<std::size_t>(tensor.numel()), seed, scale);
-  std::copy(values.begin(), values.end(), tensor.span<float>().begin());
-  return tensor;
+  return tensor_of<float>(normalish(static_cast<std::size_t>(shape.numel()), seed, scale), shape);
 }
 
 inline PeftAdapter tiny_phi_adapter() {
