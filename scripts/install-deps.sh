@@ -6,7 +6,8 @@ set -euo pipefail
 
 if [ "$#" -eq 0 ]; then
   set -- cmake ninja-build g++ pkg-config catch2 libfmt-dev nlohmann-json3-dev \
-         libeigen3-dev libbenchmark-dev meson
+         libeigen3-dev libbenchmark-dev meson \
+         libsentencepiece-dev libpcre2-dev
 fi
 
 if ! command -v dpkg-query >/dev/null 2>&1; then

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/install-deps.sh cmake ninja-build g++ pkg-config libfmt-dev nlohmann-json3-dev \
-  libeigen3-dev
+  libeigen3-dev libsentencepiece-dev libpcre2-dev
 
 example=${QLORA_EXAMPLE:-quantize}
 build_dir=${QLORA_BUILD_DIR:-build-example}

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/install-deps.sh cmake ninja-build g++ pkg-config catch2 libfmt-dev \
-  nlohmann-json3-dev libeigen3-dev libbenchmark-dev meson
+  nlohmann-json3-dev libeigen3-dev libbenchmark-dev meson libsentencepiece-dev libpcre2-dev
 
 build_dir=${QLORA_BUILD_DIR:-build-tests}
 jobs=${QLORA_JOBS:-$(nproc)}
