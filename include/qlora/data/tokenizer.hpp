@@ -47,6 +47,22 @@ enum class SpecialRole : std::uint8_t { bos, eos, pad, unk };
 /// decode(ids, skip_special = true); both kinds are split out of text.
 enum class AddedTokenKind : std::uint8_t { normal, special };
 
+/// A token split out of text before the model sees it, with Hugging Face's
+/// flags (tokenizer.json "added_tokens", tokenizer_config.json
+/// "added_tokens_decoder"): `single_word` matches only between word boundaries,
+/// `lstrip`/`rstrip` swallow the whitespace left/right of a match, `normalized`
+/// tokens are matched after the normalizer (a second pass), `special` ones are
+/// dropped by decode(ids, skip_special = true).
+struct AddedToken {
+  std::string content;
+  TokenId id = 0;
+  bool special = false;
+  bool single_word = false;
+  bool lstrip = false;
+  bool rstrip = false;
+  bool normalized = false;
+};
+
 template <class T>
 concept Tokenizer = requires(T& mutable_tokenizer, const T& tokenizer, std::string_view text,
                              std::span<const TokenId> ids, TokenId id, std::vector<TokenId>& out,
