@@ -4,6 +4,7 @@
 
 #include <qlora/config.hpp>
 #include <qlora/core.hpp>
+#include <qlora/data.hpp>
 #include <qlora/io.hpp>
 #include <qlora/lora.hpp>
 #include <qlora/quant.hpp>

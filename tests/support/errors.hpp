@@ -2,7 +2,6 @@
 // of its message (the file, line, key or tensor it must name).
 #pragma once
 
-#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -33,10 +32,11 @@ void require_error(Action&& action, std::string_view code, const Parts&... parts
   const Error error = thrown_by(std::forward<Action>(action));
   INFO("message: " << error.what());
   CHECK(error.code() == code);
-  for (const std::string_view part : {std::string_view(parts)...}) {
+  const auto check_part = [&error](std::string_view part) {
     INFO("expected in the message: " << part);
     CHECK(error.message().find(part) != std::string::npos);
-  }
+  };
+  (check_part(parts), ...);
 }
 
 }  // namespace qlora::test

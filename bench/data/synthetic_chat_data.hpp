@@ -1,0 +1,102 @@
+// A deterministic stand-in for the Phi-2 tutorial's riddles dataset
+// ({"number": n, "messages": [user, assistant, user, assistant]}), written to
+// a JSONL file of a requested size, so the C++ pipeline and the tutorial's
+// Python pipeline read the same bytes. Message lengths are skewed like chat
+// data (most answers a few sentences, a tail of long ones), and the text mixes
+// words, numbers, punctuation, code-ish lines and a little Chinese so every
+// pre-tokenizer class is exercised.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include <fmt/format.h>
+
+#include <qlora/core/error.hpp>
+#include <qlora/io/detail/json.hpp>
+
+namespace qlora::bench {
+
+namespace detail {
+
+inline std::uint64_t splitmix64(std::uint64_t& state) {
+  std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline constexpr std::array<std::string_view, 48> chat_words{
+    "the",      "answer",   "riddle",  "is",      "a",        "flower",  "that",    "grows",
+    "in",       "dirt",     "but",     "blooms",  "into",     "beauty",  "sky",     "bell",
+    "noise",    "flies",    "cannot",  "be",      "seen",     "think",   "step",    "by",
+    "explain",  "simple",   "question", "what",   "why",      "because", "water",   "light",
+    "shadow",   "mountain", "river",   "echo",    "time",     "clock",   "number",  "letter",
+    "it's",     "you're",   "don't",   "we've",   "sunflower", "wind",   "12",      "2024"};
+
+inline constexpr std::array<std::string_view, 6> chat_tails{".", "?", "!", ",", ":", "..."};
+
+/// One message of `words` words: sentences with punctuation and capitals,
+/// sometimes a numbered list, a code line or a Chinese sentence.
+inline void append_message(std::string& out, std::uint64_t& state, unsigned words) {
+  bool sentence_start = true;
+  for (unsigned w = 0; w < words; ++w) {
+    const std::uint64_t r = splitmix64(state);
+    std::string_view word = chat_words[r % chat_words.size()];
+    if (w > 0) out += (r >> 40) % 23 == 0 ? "\n" : " ";
+    if ((r >> 20) % 97 == 0) out += fmt::format("{}. ", (r >> 8) % 9 + 1);
+    if ((r >> 28) % 211 == 0) out += "今天天气很好，我们去公园散步吧。";
+    if ((r >> 36) % 307 == 0) out += "def f(x):\n    return x * 2\n";
+    if (sentence_start) {
+      out += static_cast<char>(word[0] >= 'a' && word[0] <= 'z' ? word[0] - 'a' + 'A' : word[0]);
+      out += word.substr(1);
+    } else {
+      out += word;
+    }
+    sentence_start = (r >> 12) % 9 == 0;
+    if (sentence_start) out += chat_tails[(r >> 16) % chat_tails.size()];
+  }
+}
+
+/// Word count of a message: mostly 8-80, one in 16 up to 600 (long answers).
+inline unsigned message_words(std::uint64_t& state, bool assistant) {
+  const std::uint64_t r = splitmix64(state);
+  const unsigned base = assistant ? 20 : 8;
+  if (r % 16 == 0) return base + static_cast<unsigned>((r >> 8) % 600);
+  return base + static_cast<unsigned>((r >> 8) % (assistant ? 120 : 40));
+}
+
+}  // namespace detail
+
+/// Writes records until the file holds at least `bytes` bytes; returns the
+/// record count. The same (bytes, seed) always gives the same file.
+inline std::size_t write_synthetic_chat_jsonl(const std::filesystem::path& path, std::size_t bytes,
+                                              std::uint64_t seed = 0) {
+  std::FILE* file = std::fopen(path.c_str(), "wb");
+  check(file != nullptr, "IoError", "cannot create {}", path.string());
+  std::uint64_t state = seed;
+  std::size_t written = 0, records = 0;
+  std::string line, message;
+  while (written < bytes) {
+    line = fmt::format(R"({{"number": {}, "messages": [)", records);
+    for (int m = 0; m < 4; ++m) {
+      message.clear();
+      detail::append_message(message, state, detail::message_words(state, m % 2 == 1));
+      if (m > 0) line += ", ";
+      qlora::detail::append_json_string(line, message, qlora::detail::JsonEscape::minimal);
+    }
+    line += "]}\n";
+    check(std::fwrite(line.data(), 1, line.size(), file) == line.size(), "IoError", "cannot write {}",
+          path.string());
+    written += line.size();
+    ++records;
+  }
+  check(std::fclose(file) == 0, "IoError", "cannot close {}", path.string());
+  return records;
+}
+
+}  // namespace qlora::bench

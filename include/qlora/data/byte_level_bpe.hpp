@@ -1,0 +1,462 @@
+// ByteLevelBpeTokenizer: the byte-level BPE tokenizers of GPT-2, CodeGen and
+// Phi-2 (and Llama-3 / Qwen2-style ones whose pre-tokenizer is a Split regex
+// before ByteLevel), read from a Hugging Face tokenizer.json as it is, giving
+// the ids Hugging Face tokenizers and transformers give.
+//
+// encode(text) = tokenizers' encode(text, add_special_tokens=False):
+//   1. added tokens are split out first (AddedVocabulary) and map to their ids;
+//   2. each other piece is pre-tokenized (detail/byte_level_pre_tokenizer.hpp);
+//   3. each pre-token's bytes are merged by rank (detail/bpe_merges.hpp), with
+//      a cache so that a repeated word costs one lookup.
+// decode = tokenizers' decode: ids to token strings (added tokens first),
+// special ones dropped on request, then ByteLevel's decoder (bytes, then
+// from_utf8_lossy). transformers' decode also applies
+// clean_up_tokenization_spaces when the config asks (Phi-2's does): that
+// English-punctuation heuristic ("a != b" -> "a!= b") is not reproduced.
+//
+// What differs from Hugging Face, on purpose: text that is not UTF-8 is
+// Error("InvalidUtf8") (Python cannot even hold it); an unknown id in decode is
+// Error("InvalidTokenId") (tokenizers skips it); a byte without a token and no
+// unk_token is Error("UntokenizableText") (tokenizers drops it). Settings this
+// class does not implement (a normalizer, dropout, byte_fallback, subword
+// prefixes, other pre-tokenizers or decoders, another model type) are
+// Error("UnsupportedTokenizer") at load time, never a silent difference.
+// A file that is not a tokenizer.json, or whose parts disagree, is
+// Error("InvalidTokenizer") naming the file and the key.
+//
+// Tokens added at run time follow transformers: add_tokens gives new tokens
+// the next ids (normal ones normalized=true, special ones normalized=false and
+// skipped by decode(ids, true)); a token already in the model vocabulary keeps
+// its id and is split out from then on; one already added is left as it is.
+//
+// Thread safety: const members may run concurrently (the word cache locks);
+// add_tokens and set_special_token need exclusive access.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <filesystem>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include <qlora/core/error.hpp>
+#include <qlora/data/added_vocabulary.hpp>
+#include <qlora/data/detail/bpe_merges.hpp>
+#include <qlora/data/detail/byte_level_bpe_model.hpp>
+#include <qlora/data/detail/byte_level_pre_tokenizer.hpp>
+#include <qlora/data/detail/byte_unicode.hpp>
+#include <qlora/data/detail/tokenizer_json.hpp>
+#include <qlora/data/detail/utf8_lossy.hpp>
+#include <qlora/data/tokenizer.hpp>
+#include <qlora/data/tokenizer_config.hpp>
+#include <qlora/io/detail/json.hpp>
+#include <qlora/io/detail/utf8.hpp>
+#include <qlora/io/mapped_file.hpp>
+
+namespace qlora {
+
+class ByteLevelBpeTokenizer {
+ public:
+  /// Reads a tokenizer.json.
+  static ByteLevelBpeTokenizer from_file(const std::filesystem::path& path) {
+    const MappedFile file(path);
+    return from_json(std::string_view(reinterpret_cast<const char*>(file.bytes().data()), file.bytes().size()),
+                     path.string());
+  }
+
+  /// Parses the text of a tokenizer.json; `source_name` names it in errors.
+  static ByteLevelBpeTokenizer from_json(std::string_view text, std::string_view source_name) {
+    const detail::Json document = detail::parse_json_rejecting_duplicates(
+        text, "InvalidTokenizer", fmt::format("{} (expected a Hugging Face tokenizer.json)", source_name));
+    const detail::TokenizerJson root(source_name, "", document);
+    if (!document.is_object()) root.fail("a Hugging Face tokenizer.json (a JSON object)");
+    const std::optional<detail::TokenizerJson> model = root.find("model");
+    if (!model || !model->json().is_object()) root.fail("a Hugging Face tokenizer.json, with a \"model\" object");
+    if (const std::string type = model->type(); type != "BPE") {
+      model->at("type").unsupported(fmt::format("model type \"{}\" is not supported (expected BPE)", type));
+    }
+    if (const auto normalizer = root.find("normalizer"); normalizer && !normalizer->is_null()) {
+      normalizer->unsupported(
+          fmt::format("normalizer \"{}\" is not supported (byte-level BPE has none)", normalizer->type()));
+    }
+    check_byte_level_decoder(root);
+    // "post_processor" only adds BOS/EOS when special tokens are requested,
+    // which encode never does; "truncation" and "padding" are per-call
+    // settings that transformers overrides the same way. All three are ignored.
+    ByteLevelBpeTokenizer tokenizer(read_model(*model),
+                                    detail::ByteLevelPreTokenizer::from_json(optional_member(root, "pre_tokenizer")));
+    tokenizer.read_added_tokens(root);
+    if (const auto unk = model->find("unk_token"); unk && !unk->is_null()) {
+      tokenizer.special_.unk = tokenizer.token_to_id(unk->string());
+    }
+    return tokenizer;
+  }
+
+  /// Reads `dir`/tokenizer.json, then, when present, `dir`/tokenizer_config.json
+  /// for the BOS/EOS/PAD/UNK tokens and added_tokens_decoder, as transformers'
+  /// PreTrainedTokenizerFast does.
+  static ByteLevelBpeTokenizer from_pretrained(const std::filesystem::path& dir) {
+    ByteLevelBpeTokenizer tokenizer = from_file(dir / "tokenizer.json");
+    const std::filesystem::path config_path = dir / "tokenizer_config.json";
+    if (std::filesystem::exists(config_path)) {
+      tokenizer.apply_config(read_tokenizer_config(config_path), config_path.string());
+    }
+    return tokenizer;
+  }
+
+  /// Appends the ids of `text` (valid UTF-8) to `out`; no BOS/EOS.
+  void encode_into(std::string_view text, std::vector<TokenId>& out) const {
+    const std::size_t valid = detail::utf8_valid_prefix(text);
+    check(valid == text.size(), "InvalidUtf8", "text is not valid UTF-8: byte 0x{:02x} at offset {}",
+          valid < text.size() ? static_cast<unsigned char>(text[valid]) : 0u, valid);
+    added_.split(
+        text,
+        [&](std::string_view piece) {
+          pre_tokenizer_.split(piece, [&](std::string_view word) { model_->encode_word(word, out); });
+        },
+        [&](const AddedToken& token) { out.push_back(token.id); });
+  }
+
+  [[nodiscard]] std::vector<TokenId> encode(std::string_view text) const {
+    std::vector<TokenId> ids;
+    ids.reserve(text.size() / 3);
+    encode_into(text, ids);
+    return ids;
+  }
+
+  /// The text of `ids`; `skip_special` leaves out added tokens flagged
+  /// special (and vocabulary tokens spelled like one), as tokenizers does.
+  /// An id that is no token is Error("InvalidTokenId").
+  [[nodiscard]] std::string decode(std::span<const TokenId> ids, bool skip_special = false) const {
+    std::string bytes;
+    for (const TokenId id : ids) {
+      if (const AddedToken* added = added_.find(id)) {
+        if (!(skip_special && added->special)) detail::append_byte_level_decoded(bytes, added->content);
+        continue;
+      }
+      check(id >= 0 && static_cast<std::size_t>(id) < model_->vocabulary().size(), "InvalidTokenId",
+            "cannot decode token id {}: the vocabulary has ids 0 to {}", id, vocab_size() - 1);
+      const std::string& token = model_->vocabulary().token(id);
+      if (skip_special && is_special_content(token)) continue;
+      detail::append_byte_level_decoded(bytes, token);
+    }
+    return detail::utf8_lossy(std::move(bytes));
+  }
+
+  /// The id of a token as the vocabulary spells it (added tokens first).
+  [[nodiscard]] std::optional<TokenId> token_to_id(std::string_view token) const {
+    if (const std::optional<TokenId> added = added_.id_of(token)) return added;
+    return model_->vocabulary().id_of(token);
+  }
+
+  /// The token with this id as the vocabulary spells it (byte-level: a space is "Ġ").
+  [[nodiscard]] std::string id_to_token(TokenId id) const {
+    if (const AddedToken* added = added_.find(id)) return added->content;
+    check(id >= 0 && static_cast<std::size_t>(id) < model_->vocabulary().size(), "InvalidTokenId",
+          "token id {} is out of range: the vocabulary has ids 0 to {}", id, vocab_size() - 1);
+    return model_->vocabulary().token(id);
+  }
+
+  /// Ids in use, added tokens included: transformers' len(tokenizer).
+  [[nodiscard]] std::size_t vocab_size() const noexcept { return size_; }
+
+  /// The model's own vocabulary, without added tokens beyond it.
+  [[nodiscard]] std::size_t model_size() const noexcept { return model_->vocabulary().size(); }
+
+  [[nodiscard]] SpecialTokenIds special_ids() const noexcept { return special_; }
+
+  [[nodiscard]] const AddedVocabulary& added_tokens() const noexcept { return added_; }
+
+  /// Adds each token that is not an added token yet, as transformers'
+  /// add_tokens (normal: special=false, normalized=true) and
+  /// add_special_tokens (special: special=true, normalized=false) do. A token
+  /// of the model vocabulary keeps its id; others get the next free id.
+  /// Empty strings are skipped, as transformers skips them. Returns how many
+  /// got a new id.
+  std::size_t add_tokens(std::span<const std::string> tokens, AddedTokenKind kind) {
+    std::size_t added = 0;
+    for (const std::string& content : tokens) {
+      if (content.empty() || added_.id_of(content)) continue;
+      const bool special = kind == AddedTokenKind::special;
+      AddedToken token{.content = content, .special = special, .normalized = !special};
+      const std::optional<TokenId> model_id = model_->vocabulary().id_of(content);
+      token.id = model_id.value_or(next_id());
+      add_to_vocabulary(std::move(token));
+      added += !model_id.has_value();
+    }
+    return added;
+  }
+
+  /// Makes `token` (a vocabulary or added token) the BOS, EOS, PAD or UNK;
+  /// an unknown token is Error("UnknownSpecialToken"). As transformers'
+  /// `tokenizer.pad_token = ...`, this changes no token's flags.
+  void set_special_token(SpecialRole role, std::string_view token) {
+    const std::optional<TokenId> id = token_to_id(token);
+    check(id.has_value(), "UnknownSpecialToken",
+          "cannot make {:?} the {} token: it is neither in the vocabulary nor an added token", std::string(token),
+          role_name(role));
+    special_slot(special_, role) = id;
+  }
+
+ private:
+  ByteLevelBpeTokenizer(std::shared_ptr<const detail::ByteLevelBpeModel> model,
+                        detail::ByteLevelPreTokenizer pre_tokenizer)
+      : model_(std::move(model)), pre_tokenizer_(std::move(pre_tokenizer)), size_(model_->vocabulary().size()) {}
+
+  static constexpr std::string_view role_name(SpecialRole role) noexcept {
+    switch (role) {
+      case SpecialRole::bos:
+        return "BOS";
+      case SpecialRole::eos:
+        return "EOS";
+      case SpecialRole::pad:
+        return "PAD";
+      case SpecialRole::unk:
+        return "UNK";
+    }
+    return "?";
+  }
+
+  static std::optional<TokenId>& special_slot(SpecialTokenIds& ids, SpecialRole role) noexcept {
+    switch (role) {
+      case SpecialRole::bos:
+        return ids.bos;
+      case SpecialRole::eos:
+        return ids.eos;
+      case SpecialRole::pad:
+        return ids.pad;
+      case SpecialRole::unk:
+        break;
+    }
+    return ids.unk;
+  }
+
+  /// Member `name` of `object`, or a JSON null standing for it when absent.
+  static detail::TokenizerJson optional_member(const detail::TokenizerJson& object, std::string_view name) {
+    static const detail::Json null_value;
+    if (std::optional<detail::TokenizerJson> member = object.find(name)) return *std::move(member);
+    return {object.file(), std::string(name), null_value};
+  }
+
+  /// The decoder must be ByteLevel: the model's tokens are byte-level spellings.
+  static void check_byte_level_decoder(const detail::TokenizerJson& root) {
+    const detail::TokenizerJson decoder = optional_member(root, "decoder");
+    if (decoder.is_null()) decoder.unsupported("no decoder; byte-level BPE needs the ByteLevel decoder");
+    if (const std::string type = decoder.type(); type != "ByteLevel") {
+      decoder.unsupported(fmt::format("decoder \"{}\" is not supported (expected ByteLevel)", type));
+    }
+  }
+
+  /// tokenizer.json's "model": vocabulary, merges (both spellings) and options.
+  static std::shared_ptr<const detail::ByteLevelBpeModel> read_model(const detail::TokenizerJson& model) {
+    if (const auto dropout = model.find("dropout");
+        dropout && !dropout->is_null() && !(dropout->json().is_number() && dropout->json().get<double>() == 0.0)) {
+      dropout->unsupported("BPE dropout is not supported (training-time randomness; expected null)");
+    }
+    if (model.flag("byte_fallback", false)) model.at("byte_fallback").unsupported("byte_fallback is not supported");
+    for (const char* affix : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+      // GPT-2's converted files (Phi-2's among them) write "" for "none".
+      if (!model.optional_string(affix).empty()) model.at(affix).unsupported(fmt::format("{} is not supported", affix));
+    }
+    detail::BpeVocabulary vocabulary = read_vocabulary(model.at("vocab"));
+    detail::BpeMerges merges = read_merges(model.at("merges"), vocabulary);
+    detail::BpeOptions options{.unk = std::nullopt,
+                               .fuse_unk = model.flag("fuse_unk", false),
+                               .ignore_merges = model.flag("ignore_merges", false)};
+    if (const auto unk = model.find("unk_token"); unk && !unk->is_null()) {
+      options.unk = vocabulary.id_of(unk->string());
+      if (!options.unk) unk->fail("a token of the vocabulary");
+    }
+    return std::make_shared<const detail::ByteLevelBpeModel>(std::move(vocabulary), std::move(merges), options);
+  }
+
+  /// "vocab": {token: id}, the ids exactly 0..n-1. (Key paths for messages
+  /// are only built on failure: Phi-2 has 50,000 entries.)
+  static detail::BpeVocabulary read_vocabulary(const detail::TokenizerJson& vocab) {
+    if (!vocab.json().is_object()) vocab.fail("an object {\"token\": id, ...}");
+    std::vector<std::string> tokens(vocab.json().size());
+    std::vector<bool> seen(tokens.size());
+    for (auto it = vocab.json().begin(); it != vocab.json().end(); ++it) {
+      const detail::Json& value = it.value();
+      if (!value.is_number_unsigned() || value.get<std::uint64_t>() >= tokens.size() ||
+          seen[value.get<std::size_t>()]) {
+        refuse_vocabulary_entry(vocab, it.key(), value, tokens);
+      }
+      seen[value.get<std::size_t>()] = true;
+      tokens[value.get<std::size_t>()] = it.key();
+    }
+    return detail::BpeVocabulary(std::move(tokens));
+  }
+
+  /// Why vocabulary entry `token` with id `value` cannot be read.
+  [[noreturn]] static void refuse_vocabulary_entry(const detail::TokenizerJson& vocab, const std::string& token,
+                                                   const detail::Json& value, const std::vector<std::string>& tokens) {
+    const detail::TokenizerJson entry(vocab.file(), fmt::format("{}[{:?}]", vocab.path(), token), value);
+    const auto id = static_cast<std::size_t>(entry.id());
+    if (id >= tokens.size()) {
+      entry.unsupported(
+          fmt::format("id {} leaves a gap: only vocabularies with ids 0 to {} (the number of "
+                      "entries less one) are supported",
+                      id, tokens.size() - 1));
+    }
+    entry.fail(fmt::format("an id of its own (id {} is also {:?})", id, tokens[id]));
+  }
+
+  /// "merges": ["a b", ...] (before tokenizers 0.20) or [["a", "b"], ...];
+  /// the rank of a merge is its place in the list.
+  static detail::BpeMerges read_merges(const detail::TokenizerJson& merges, const detail::BpeVocabulary& vocabulary) {
+    const detail::Json& list = merges.json();
+    if (!list.is_array()) merges.fail("an array of merges");
+    const bool legacy = !list.empty() && list.front().is_string();
+    detail::BpeMerges table(list.size());
+    std::uint32_t rank = 0;
+    std::string merged;
+    for (std::size_t index = 0; index < list.size(); ++index) {
+      const detail::Json& merge = list[index];
+      std::string_view left;
+      std::string_view right;
+      if (legacy) {
+        if (!merge.is_string()) merges.element(index).fail("a merge \"left right\", as the ones before it");
+        const std::string_view line = merge.get_ref<const std::string&>();
+        if (line.starts_with("#version")) continue;  // a header line of merges.txt, skipped as tokenizers does
+        const std::size_t space = line.find(' ');
+        if (space == std::string_view::npos || line.find(' ', space + 1) != std::string_view::npos) {
+          merges.element(index).fail("a merge \"left right\" (two tokens, one space)");
+        }
+        left = line.substr(0, space);
+        right = line.substr(space + 1);
+      } else {
+        if (!merge.is_array() || merge.size() != 2 || !merge[0].is_string() || !merge[1].is_string()) {
+          merges.element(index).fail("a merge [\"left\", \"right\"]");
+        }
+        left = merge[0].get_ref<const std::string&>();
+        right = merge[1].get_ref<const std::string&>();
+      }
+      merged.assign(left).append(right);
+      const auto id_of = [&](std::string_view token) {
+        const std::optional<TokenId> id = vocabulary.id_of(token);
+        if (!id) {
+          merges.element(index).fail(
+              fmt::format("a merge of vocabulary tokens whose result is one too ({:?} is not)", token));
+        }
+        return *id;
+      };
+      table.set(id_of(left), id_of(right), {rank++, id_of(merged)});
+    }
+    return table;
+  }
+
+  /// tokenizer.json's "added_tokens". tokenizers re-adds them in order,
+  /// ignoring the ids written (a token of the model keeps its id, others get
+  /// the next one) and only warns when they differ: a file whose ids differ is
+  /// refused here instead.
+  void read_added_tokens(const detail::TokenizerJson& root) {
+    const detail::TokenizerJson tokens = optional_member(root, "added_tokens");
+    if (tokens.is_null()) return;
+    if (!tokens.json().is_array()) tokens.fail("an array of added tokens");
+    for (std::size_t index = 0; index < tokens.json().size(); ++index) {
+      const detail::TokenizerJson entry = tokens.element(index);
+      AddedToken token{.content = entry.at("content").string(),
+                       .id = entry.at("id").id(),
+                       .special = entry.flag("special", false),
+                       .single_word = entry.flag("single_word", false),
+                       .lstrip = entry.flag("lstrip", false),
+                       .rstrip = entry.flag("rstrip", false)};
+      token.normalized = entry.flag("normalized", !token.special);
+      if (token.content.empty()) entry.at("content").fail("a non-empty token");
+      const TokenId expected = token_to_id(token.content).value_or(next_id());
+      if (token.id != expected) {
+        entry.at("id").fail(
+            fmt::format("id {}, which tokenizers gives {:?} whatever the file says (its vocabulary "
+                        "id, its earlier entry's, or the next free one)",
+                        expected, token.content));
+      }
+      add_to_vocabulary(std::move(token));
+    }
+  }
+
+  /// tokenizer_config.json as transformers 4.x's PreTrainedTokenizerFast
+  /// applies it: entries of added_tokens_decoder that tokenizer.json lacks are
+  /// added (special when the config says so or when they are the BOS, EOS,
+  /// UNK or PAD), then the BOS/EOS/UNK/PAD tokens that are no added token yet
+  /// are added as special tokens, then the roles are set. Where the two files
+  /// disagree on a token (its id, or its flags, which transformers would
+  /// rewrite), the tokenizer is refused.
+  void apply_config(const TokenizerConfig& config, std::string_view source_name) {
+    const std::optional<std::string>* const roles[] = {&config.bos_token, &config.eos_token, &config.unk_token,
+                                                       &config.pad_token};
+    const auto names_a_role = [&](const std::string& content) {
+      return std::ranges::any_of(roles, [&](const auto* name) { return name->has_value() && **name == content; });
+    };
+    for (AddedToken token : config.added_tokens) {
+      if (const std::optional<TokenId> known_id = added_.id_of(token.content)) {
+        check(*known_id == token.id, "InvalidTokenizer",
+              "{}: added_tokens_decoder.{}: {:?} has id {} in tokenizer.json, not {}", source_name, token.id,
+              token.content, *known_id, token.id);
+        check(same_token(*added_.find(*known_id), token), "UnsupportedTokenizer",
+              "{}: added_tokens_decoder.{}: token {:?} has other flags than in tokenizer.json; changing an added "
+              "token's flags is not supported",
+              source_name, token.id, token.content);
+        continue;
+      }
+      token.special = token.special || names_a_role(token.content);
+      const TokenId expected = model_->vocabulary().id_of(token.content).value_or(next_id());
+      check(token.id == expected, "InvalidTokenizer",
+            "{}: added_tokens_decoder.{}: {:?} would get id {} from tokenizer.json's vocabulary, not {}", source_name,
+            token.id, token.content, expected, token.id);
+      add_to_vocabulary(std::move(token));
+    }
+    for (const std::optional<std::string>* name : roles) {
+      if (name->has_value()) add_tokens(std::span<const std::string>(&**name, 1), AddedTokenKind::special);
+    }
+    const std::pair<SpecialRole, const std::optional<std::string>*> assignments[] = {
+        {SpecialRole::bos, &config.bos_token},
+        {SpecialRole::eos, &config.eos_token},
+        {SpecialRole::unk, &config.unk_token},
+        {SpecialRole::pad, &config.pad_token}};
+    for (const auto& [role, name] : assignments) {
+      if (name->has_value()) set_special_token(role, **name);
+    }
+  }
+
+  static bool same_token(const AddedToken& a, const AddedToken& b) noexcept {
+    return a.content == b.content && a.special == b.special && a.single_word == b.single_word && a.lstrip == b.lstrip &&
+           a.rstrip == b.rstrip && a.normalized == b.normalized;
+  }
+
+  /// The id tokenizers gives the next new token: one past every id in use.
+  [[nodiscard]] TokenId next_id() const noexcept { return static_cast<TokenId>(size_); }
+
+  void add_to_vocabulary(AddedToken token) {
+    // One past the largest id must be a TokenId too (vocab_size, the next id).
+    check(token.id < std::numeric_limits<TokenId>::max(), "InvalidAddedToken",
+          "added token {:?}: id {} leaves no room for a vocabulary size in a 32-bit id", token.content, token.id);
+    size_ = std::max(size_, static_cast<std::size_t>(token.id) + 1);
+    added_.add(std::move(token));
+  }
+
+  /// Whether a vocabulary token is spelled like a special added token
+  /// (tokenizers skips by content).
+  [[nodiscard]] bool is_special_content(std::string_view token) const {
+    const std::optional<TokenId> id = added_.id_of(token);
+    return id && added_.find(*id)->special;
+  }
+
+  std::shared_ptr<const detail::ByteLevelBpeModel> model_;
+  detail::ByteLevelPreTokenizer pre_tokenizer_;
+  AddedVocabulary added_;
+  SpecialTokenIds special_;
+  std::size_t size_;  // vocab_size(): model ids, then the added ones past them
+};
+
+static_assert(Tokenizer<ByteLevelBpeTokenizer>);
+
+}  // namespace qlora
