@@ -14,10 +14,11 @@ separately without special tokens and truncates to 1024; then the tutorial's `co
 (pad to the longest with the pad id, labels -100, attention 0) over batches of
 `--batch-size` samples, making torch tensors as the Trainer's DataLoader would.
 
-Prints one JSON line: {"seconds": ..., "samples": ..., "tokens": ..., "batches": ...},
+Prints one JSON line: {"seconds", "samples", "tokens", "batches", "unsupervised_tokens"},
 where seconds covers load_dataset through the last collated batch (imports and the
-tokenizer load are excluded: they are a fixed cost, not throughput), and tokens counts
-the non-pad tokens of the collated batches.
+tokenizer load are excluded: they are a fixed cost, not throughput), tokens counts
+the non-pad tokens of the collated batches, and unsupervised_tokens those of samples
+with no supervised label (a user message that fills max_length), which qlora drops.
 """
 
 import argparse
@@ -99,7 +100,13 @@ def main() -> None:
         tokens += int(batch["attention_mask"].sum())
         batches += 1
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "samples": len(tokenized), "tokens": tokens, "batches": batches}))
+    # Not timed: the tokens of samples with no supervised label. The tutorial trains on
+    # them (they add nothing to the loss); qlora's encoder drops them, as XTuner does,
+    # so the benchmark compares the other tokens.
+    unsupervised = sum(len(ids) for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])
+                       if all(label == IGNORE_INDEX for label in labels))
+    print(json.dumps({"seconds": seconds, "samples": len(tokenized), "tokens": tokens, "batches": batches,
+                      "unsupervised_tokens": unsupervised}))
 
 
 if __name__ == "__main__":

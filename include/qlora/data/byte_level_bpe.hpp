@@ -202,42 +202,14 @@ class ByteLevelBpeTokenizer {
     const std::optional<TokenId> id = token_to_id(token);
     check(id.has_value(), "UnknownSpecialToken",
           "cannot make {:?} the {} token: it is neither in the vocabulary nor an added token", std::string(token),
-          role_name(role));
-    special_slot(special_, role) = id;
+          special_role_name(role));
+    special_[role] = id;
   }
 
  private:
   ByteLevelBpeTokenizer(std::shared_ptr<const detail::ByteLevelBpeModel> model,
                         detail::ByteLevelPreTokenizer pre_tokenizer)
       : model_(std::move(model)), pre_tokenizer_(std::move(pre_tokenizer)), size_(model_->vocabulary().size()) {}
-
-  static constexpr std::string_view role_name(SpecialRole role) noexcept {
-    switch (role) {
-      case SpecialRole::bos:
-        return "BOS";
-      case SpecialRole::eos:
-        return "EOS";
-      case SpecialRole::pad:
-        return "PAD";
-      case SpecialRole::unk:
-        return "UNK";
-    }
-    return "?";
-  }
-
-  static std::optional<TokenId>& special_slot(SpecialTokenIds& ids, SpecialRole role) noexcept {
-    switch (role) {
-      case SpecialRole::bos:
-        return ids.bos;
-      case SpecialRole::eos:
-        return ids.eos;
-      case SpecialRole::pad:
-        return ids.pad;
-      case SpecialRole::unk:
-        break;
-    }
-    return ids.unk;
-  }
 
   /// Member `name` of `object`, or a JSON null standing for it when absent.
   static detail::TokenizerJson optional_member(const detail::TokenizerJson& object, std::string_view name) {

@@ -194,8 +194,8 @@ class SentencePieceTokenizer {
     const std::optional<TokenId> id = token_to_id(token);
     check(id.has_value(), "UnknownSpecialToken",
           "{}: cannot make {:?} the {} token: it is neither an added token nor a piece of the model", source_, token,
-          role_name(role));
-    role_id(role) = id;
+          special_role_name(role));
+    special_[role] = id;
   }
 
  private:
@@ -206,34 +206,6 @@ class SentencePieceTokenizer {
     model_size_ = processor->GetPieceSize();
     vocab_size_ = model_size_;
     model_ = std::move(processor);
-  }
-
-  static std::string_view role_name(SpecialRole role) noexcept {
-    switch (role) {
-      case SpecialRole::bos:
-        return "BOS";
-      case SpecialRole::eos:
-        return "EOS";
-      case SpecialRole::pad:
-        return "PAD";
-      case SpecialRole::unk:
-        return "UNK";
-    }
-    return "?";
-  }
-
-  std::optional<TokenId>& role_id(SpecialRole role) noexcept {
-    switch (role) {
-      case SpecialRole::bos:
-        return special_.bos;
-      case SpecialRole::eos:
-        return special_.eos;
-      case SpecialRole::pad:
-        return special_.pad;
-      case SpecialRole::unk:
-        break;
-    }
-    return special_.unk;
   }
 
   /// `added` is added_.find(id). Ids between the model's last piece and the
@@ -293,7 +265,7 @@ class SentencePieceTokenizer {
       if (!name) continue;
       const std::string names[] = {*name};
       add_tokens(names, AddedTokenKind::special);
-      role_id(role) = added_.id_of(*name);
+      special_[role] = added_.id_of(*name);
     }
   }
 

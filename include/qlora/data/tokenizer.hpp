@@ -33,15 +33,44 @@ inline constexpr TokenId ignore_index = -100;
 
 /// The ids a tokenizer reserves; absent where the tokenizer defines none
 /// (Phi-2 has no pad token until one is added; SentencePiece may lack all).
+/// Which reserved role set_special_token assigns.
+enum class SpecialRole : std::uint8_t { bos, eos, pad, unk };
+
+[[nodiscard]] constexpr std::string_view special_role_name(SpecialRole role) noexcept {
+  switch (role) {
+    case SpecialRole::bos:
+      return "BOS";
+    case SpecialRole::eos:
+      return "EOS";
+    case SpecialRole::pad:
+      return "PAD";
+    case SpecialRole::unk:
+      return "UNK";
+  }
+  return "?";
+}
+
 struct SpecialTokenIds {
   std::optional<TokenId> bos;
   std::optional<TokenId> eos;
   std::optional<TokenId> pad;
   std::optional<TokenId> unk;
-};
 
-/// Which reserved role set_special_token assigns.
-enum class SpecialRole : std::uint8_t { bos, eos, pad, unk };
+  /// The id of `role`, for code that takes the role as a value.
+  [[nodiscard]] std::optional<TokenId>& operator[](SpecialRole role) noexcept {
+    switch (role) {
+      case SpecialRole::bos:
+        return bos;
+      case SpecialRole::eos:
+        return eos;
+      case SpecialRole::pad:
+        return pad;
+      case SpecialRole::unk:
+        break;
+    }
+    return unk;
+  }
+};
 
 /// How add_tokens registers new tokens. `special` ones are skipped by
 /// decode(ids, skip_special = true); both kinds are split out of text.
