@@ -2,7 +2,7 @@
 
 Re-create the fixtures with:
 
-    .venv/bin/python tests/reference/byte_level_bpe.py
+    .venv-xtuner/bin/python tests/reference/byte_level_bpe.py
 
 (a few seconds; tests/reference/data_pipeline.py reads phi2_like/, so re-run it after any change
 that alters the trained tokenizer). It writes, under tests/data/data/bpe/:

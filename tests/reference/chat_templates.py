@@ -2,7 +2,7 @@
 
 Re-create the fixture with:
 
-    .venv/bin/python tests/reference/chat_templates.py
+    .venv-xtuner/bin/python tests/reference/chat_templates.py
 
 It writes tests/data/data/templates/chat_templates.json, read by
 tests/data/{turn_template,phi2_chatml,pretrain,sample_encoder}_test.cpp.

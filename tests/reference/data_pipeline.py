@@ -3,7 +3,7 @@
 Re-create the fixtures with (after byte_level_bpe.py and sentencepiece_bpe.py, whose
 tokenizers it uses):
 
-    .venv/bin/python tests/reference/data_pipeline.py
+    .venv-xtuner/bin/python tests/reference/data_pipeline.py
 
 It writes, under tests/data/data/pipeline/:
 

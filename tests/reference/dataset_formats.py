@@ -2,7 +2,7 @@
 dataset_format_test.cpp, conversation_reader_test.cpp), from CPython's json
 module and XTuner's real map functions.
 
-    .venv/bin/python tests/reference/dataset_formats.py
+    .venv-xtuner/bin/python tests/reference/dataset_formats.py
 
 writes, under tests/data/data/formats/:
 
@@ -38,7 +38,7 @@ from _hostile_corpus import HOSTILE, TRAINING_TEXT  # noqa: E402
 from _refcommon import DATA_DIR, REPO_ROOT, versions  # noqa: E402
 
 OUT_DIR = os.path.join(DATA_DIR, "data", "formats")
-COMMAND = ".venv/bin/python tests/reference/dataset_formats.py"
+COMMAND = ".venv-xtuner/bin/python tests/reference/dataset_formats.py"
 JSON_WHITESPACE = " \t\n\r"
 
 

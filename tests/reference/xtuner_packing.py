@@ -1,6 +1,6 @@
 """Reference fixtures for packing, collation and per-rank sharding (data/ layer).
 
-Run: ``.venv/bin/python tests/reference/xtuner_packing.py`` (about 15 s on 2 cores).
+Run: ``.venv-xtuner/bin/python tests/reference/xtuner_packing.py`` (about 15 s on 2 cores).
 
 Writes, under tests/data/data/packing/ (JSON, each well under 1 MiB):
 
