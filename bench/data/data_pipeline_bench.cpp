@@ -74,7 +74,7 @@ const ByteLevelBpeTokenizer& tutorial_tokenizer() {
 fs::path data_file(std::size_t mib) {
   const fs::path dir = fs::temp_directory_path() / "qlora_bench_data";
   fs::create_directories(dir);
-  const fs::path path = dir / fmt::format("riddles_{}MiB.jsonl", mib);
+  const fs::path path = dir / fmt::format("riddles_zipf_{}MiB.jsonl", mib);
   if (!fs::exists(path)) {
     const fs::path partial = path.string() + ".partial";
     qlora::bench::write_synthetic_chat_jsonl(partial, mib << 20);

@@ -1,7 +1,9 @@
-// AddedVocabulary against tests/data/data/added_vocabulary/splits.json (written
-// by tests/reference/added_vocabulary.py): the pieces Hugging Face tokenizers'
-// AddedVocabulary cuts texts into, for tokens with every flag, overlapping
-// tokens, and the two matching passes. Then the registration rules.
+// AddedVocabulary against tests/data/data/added_vocabulary/splits.json and
+// many_tokens.json (written by tests/reference/added_vocabulary.py): the pieces
+// Hugging Face tokenizers' AddedVocabulary cuts texts into, for tokens with
+// every flag, overlapping tokens, the two matching passes, tokens that start
+// in white space an lstrip/rstrip match swallowed, and a thousand tokens with
+// long shared prefixes. Then the registration rules.
 #include <qlora/data/added_vocabulary.hpp>
 
 #include <algorithm>
@@ -22,11 +24,6 @@ using qlora::test::Json;
 using qlora::test::require_error;
 
 namespace {
-
-const Json& splits() {
-  static const Json document = qlora::test::load_json(data_fixture("added_vocabulary/splits.json"));
-  return document;
-}
 
 AddedToken token_of(const Json& entry) {
   return {.content = entry["content"].get<std::string>(),
@@ -52,10 +49,10 @@ Json pieces_of(const AddedVocabulary& vocabulary, std::string_view text) {
   return pieces;
 }
 
-}  // namespace
-
-TEST_CASE("splits texts as tokenizers' AddedVocabulary does") {
-  for (const Json& test_case : splits()["cases"]) {
+/// Requires every case of the fixture `name` to split as tokenizers split it.
+void check_splits(const char* name) {
+  const Json document = qlora::test::load_json(data_fixture(name));
+  for (const Json& test_case : document["cases"]) {
     // Insertion order must not matter: leftmost-longest decides, whatever was added first.
     for (const bool reversed : {false, true}) {
       std::vector<Json> entries(test_case["tokens"].begin(), test_case["tokens"].end());
@@ -70,6 +67,14 @@ TEST_CASE("splits texts as tokenizers' AddedVocabulary does") {
       }
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("splits texts as tokenizers' AddedVocabulary does") { check_splits("added_vocabulary/splits.json"); }
+
+TEST_CASE("finds the longest token among a thousand with long shared prefixes, as tokenizers does") {
+  check_splits("added_vocabulary/many_tokens.json");
 }
 
 TEST_CASE("looks tokens up by content and by id") {

@@ -6,6 +6,7 @@
 // that must be refused, each with its named error.
 #include <qlora/data/byte_level_bpe.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <filesystem>
 #include <string>
@@ -65,6 +66,18 @@ ByteLevelBpeTokenizer load_edited(Edit&& edit) {
   Json document = tokenizer_json();
   edit(document);
   return ByteLevelBpeTokenizer::from_json(document.dump(), "edited.json");
+}
+
+/// How many valid entries `expected(entry)` gives other ids than the plain
+/// tokenizer.json: a setting a test checks must change some, or the test
+/// could not fail.
+template <class Expected>
+std::size_t entries_changed_by(Expected&& expected) {
+  std::size_t changed = 0;
+  for (const Json& entry : encodings()["entries"]) {
+    if (!entry.contains("invalid_utf8_offset")) changed += expected(entry) != entry["tokenizers"]["ids"];
+  }
+  return changed;
 }
 
 /// Requires every valid hostile entry to encode to `expected(entry)`.
@@ -164,28 +177,67 @@ TEST_CASE("gives the ids transformers gives after the Phi-2 tutorial's run-time 
     CHECK(tokenizer.decode(ids) == expected["decode"].get<std::string>());
     CHECK(tokenizer.decode(ids, true) == expected["decode_skip_special"].get<std::string>());
   }
-  // The tutorial loads with use_fast=False; the reference script found that
-  // slow tokenizer giving these same ids for every entry.
-  CHECK(encodings()["slow_tokenizer"]["entries_with_other_ids"] == Json::array());
+}
+
+TEST_CASE("gives the ids of transformers' slow CodeGenTokenizer, which the Phi-2 tutorial loads") {
+  // use_fast=False: Python BPE over vocab.json + merges.txt, after the same additions.
+  ByteLevelBpeTokenizer tokenizer = ByteLevelBpeTokenizer::from_pretrained(model_dir());
+  tutorial_additions(tokenizer);
+  for (const Json& entry : encodings()["entries"]) {
+    if (entry.contains("invalid_utf8_offset")) continue;
+    INFO("text: " << entry["text"].dump());
+    CHECK(tokenizer.encode(entry["text"].get<std::string>()) == ids_of(entry["slow_ids"]));
+  }
 }
 
 TEST_CASE("adding tokens again, or tokens of the model vocabulary, gives no new id") {
   ByteLevelBpeTokenizer tokenizer = ByteLevelBpeTokenizer::from_pretrained(model_dir());
   tutorial_additions(tokenizer);
-  const std::size_t size = tokenizer.vocab_size();
-  // "<|endoftext|>" is an added token, "st" a model token, "" is skipped.
-  const std::vector<std::string> known = {"<|im_start|>", "<|endoftext|>", "st", ""};
-  CHECK(tokenizer.add_tokens(known, AddedTokenKind::normal) == 0);
-  CHECK(tokenizer.vocab_size() == size);
+  const Json& readd = encodings()["runtime"]["readd"];
+  // "<|im_start|>" is an added token already, "st" a model token, "" is skipped:
+  // transformers counts "st", which becomes an added token.
+  const auto known = readd["tokens"].get<std::vector<std::string>>();
+  CHECK(tokenizer.add_tokens(known, AddedTokenKind::normal) == readd["returned"].get<std::size_t>());
+  CHECK(tokenizer.vocab_size() == readd["size_after"].get<std::size_t>());
   // A model token becomes an added token with its own id: split out before BPE.
   const TokenId st = tokenizer.token_to_id("st").value();
-  CHECK(tokenizer.added_tokens().id_of("st") == st);
+  CHECK(st == readd["st"]["id"].get<TokenId>());
+  REQUIRE(tokenizer.added_tokens().id_of("st") == st);
+  CHECK(tokenizer.added_tokens().find(st)->special == readd["st"]["special"].get<bool>());
+  CHECK(tokenizer.added_tokens().find(st)->normalized == readd["st"]["normalized"].get<bool>());
   const std::vector<TokenId> ids = tokenizer.encode("first");
   CHECK(ids.back() == st);
   CHECK(tokenizer.decode(ids) == "first");
+
+  // Where qlora differs on purpose (tokenizer.hpp, add_tokens): an added token
+  // given again with other flags is left as it is and not counted;
+  // transformers' fast tokenizer would rewrite its flags and count it.
+  const std::vector<std::string> end_of_text = {"<|endoftext|>"};
+  CHECK(tokenizer.add_tokens(end_of_text, AddedTokenKind::normal) == 0);
+  CHECK(tokenizer.added_tokens().find(0)->special);
+  CHECK(tokenizer.vocab_size() == readd["size_after"].get<std::size_t>());
+}
+
+TEST_CASE("add_tokens is all or nothing: a token that cannot be added changes nothing") {
+  ByteLevelBpeTokenizer tokenizer = ByteLevelBpeTokenizer::from_pretrained(model_dir());
+  const std::size_t size = tokenizer.vocab_size();
+  const std::vector<std::string> broken = {"<ok>", "\xff\xfe"};
+  require_error([&] { tokenizer.add_tokens(broken, AddedTokenKind::normal); }, "InvalidUtf8", "byte 0");
+  CHECK(tokenizer.vocab_size() == size);
+  CHECK_FALSE(tokenizer.token_to_id("<ok>").has_value());
+  // The ids given afterwards are still those transformers gives.
+  tutorial_additions(tokenizer);
+  CHECK(tokenizer.vocab_size() == encodings()["runtime"]["size_after"].get<std::size_t>());
+  for (const auto& [content, expected] : encodings()["runtime"]["tokens"].items()) {
+    INFO("token " << content);
+    CHECK(tokenizer.token_to_id(content) == expected["id"].get<TokenId>());
+  }
 }
 
 TEST_CASE("applies tokenizer_config.json tokens that tokenizer.json lacks as transformers does") {
+  // added_tokens_decoder, pad_token, mask_token and additional_special_tokens (strings, an
+  // AddedToken object with its own flags, and tokens already there) name tokens tokenizer.json
+  // does not have: transformers registers them in that order.
   const Json& variant = encodings()["config_variant"];
   TempDir dir;
   std::filesystem::copy_file(model_dir() / "tokenizer.json", dir / "tokenizer.json");
@@ -196,8 +248,12 @@ TEST_CASE("applies tokenizer_config.json tokens that tokenizer.json lacks as tra
     INFO("token " << content);
     const std::optional<TokenId> id = tokenizer.token_to_id(content);
     REQUIRE(id == expected["id"].get<TokenId>());
-    CHECK(tokenizer.added_tokens().find(*id)->special == expected["special"].get<bool>());
-    CHECK(tokenizer.added_tokens().find(*id)->normalized == expected["normalized"].get<bool>());
+    const qlora::AddedToken& token = *tokenizer.added_tokens().find(*id);
+    CHECK(token.special == expected["special"].get<bool>());
+    CHECK(token.normalized == expected["normalized"].get<bool>());
+    CHECK(token.lstrip == expected["lstrip"].get<bool>());
+    CHECK(token.rstrip == expected["rstrip"].get<bool>());
+    CHECK(token.single_word == expected["single_word"].get<bool>());
   }
   CHECK(tokenizer.special_ids().pad == variant["special_ids"]["pad"].get<TokenId>());
   CHECK(tokenizer.special_ids().eos == variant["special_ids"]["eos"].get<TokenId>());
@@ -235,7 +291,8 @@ TEST_CASE("decode replaces bytes that are not UTF-8 as tokenizers does") {
     CHECK(tokenizer.decode(ids_of(entry["ids"])) == entry["decode"].get<std::string>());
   }
   const std::vector<TokenId> unknown = {5, static_cast<TokenId>(tokenizer.vocab_size())};
-  require_error([&] { (void)tokenizer.decode(unknown); }, "InvalidTokenId", std::to_string(tokenizer.vocab_size()));
+  require_error([&] { (void)tokenizer.decode(unknown); }, "InvalidTokenId", std::to_string(tokenizer.vocab_size()),
+                "not in the vocabulary");
   const std::vector<TokenId> negative = {-100};
   require_error([&] { (void)tokenizer.decode(negative); }, "InvalidTokenId", "-100");
 }
@@ -275,6 +332,7 @@ TEST_CASE("other pre-tokenizers: Split steps before ByteLevel, and add_prefix_sp
     const std::string name = variant.key();
     const Json& pre_tokenizer = variant.value();
     INFO("variant " << name);
+    REQUIRE(entries_changed_by([&](const Json& entry) { return entry["variants"][name]; }) > 0);
     const ByteLevelBpeTokenizer tokenizer =
         load_edited([&](Json& document) { document["pre_tokenizer"] = pre_tokenizer; });
     check_hostile_corpus(tokenizer, [&](const Json& entry) { return entry["variants"][name]; });
@@ -282,9 +340,18 @@ TEST_CASE("other pre-tokenizers: Split steps before ByteLevel, and add_prefix_sp
 }
 
 TEST_CASE("ignore_merges: a pre-token that is a vocabulary entry is that token") {
-  // (With this vocabulary no entry of the corpus comes out differently; the
-  // test shows the setting is read and the path agrees with tokenizers.)
-  const ByteLevelBpeTokenizer tokenizer = load_edited([](Json& d) { d["model"]["ignore_merges"] = true; });
+  // Every token of a trained vocabulary is what merging its spelling gives, so
+  // the reference script removed the merge that makes "Ġthe": with
+  // ignore_merges " the" is still that token, without it is two.
+  const Json& removed = encodings()["ignore_merges_edit"]["removed_merge"];
+  const ByteLevelBpeTokenizer tokenizer = load_edited([&](Json& d) {
+    Json& merges = d["model"]["merges"];
+    const auto merge = std::find(merges.begin(), merges.end(), removed);
+    REQUIRE(merge != merges.end());
+    merges.erase(merge);
+    d["model"]["ignore_merges"] = true;
+  });
+  REQUIRE(entries_changed_by([](const Json& entry) { return entry["ignore_merges"]; }) > 0);
   check_hostile_corpus(tokenizer, [](const Json& entry) { return entry["ignore_merges"]; });
 }
 
@@ -322,6 +389,15 @@ TEST_CASE("refuses files that are not byte-level BPE tokenizer.json files") {
   SECTION("a missing file") {
     require_error([] { (void)ByteLevelBpeTokenizer::from_file(data_fixture("bpe/no_such_file.json")); }, "IoError",
                   "no_such_file.json");
+  }
+  SECTION("a tokenizer_config.json that cannot be examined is an error naming it, not \"no config\"") {
+    // A symbolic link to itself: stat fails with ELOOP (a permission error,
+    // which root does not get, takes the same path).
+    TempDir dir;
+    std::filesystem::copy_file(model_dir() / "tokenizer.json", dir / "tokenizer.json");
+    std::filesystem::create_symlink("tokenizer_config.json", dir / "tokenizer_config.json");
+    require_error([&] { (void)ByteLevelBpeTokenizer::from_pretrained(dir.path()); }, "IoError",
+                  "tokenizer_config.json");
   }
   SECTION("merges naming tokens not in the vocabulary") {
     require_error([] { (void)load_edited([](Json& d) {
@@ -378,6 +454,18 @@ TEST_CASE("refuses settings it does not implement, naming them") {
   refused([](Json& d) { d["decoder"] = nullptr; }, "decoder", "ByteLevel");
   refused([](Json& d) { d["pre_tokenizer"] = {{"type", "Whitespace"}}; }, "pre_tokenizer", "Whitespace");
   refused([](Json& d) { d["pre_tokenizer"] = nullptr; }, "pre_tokenizer", "ByteLevel");
+  for (const std::string_view pattern : {"\\w+", "[\\W]", "\\bx", "\\B", "\\h+", "\\H", "[\\v]", "\\V", "\\C"}) {
+    // \h is a hex digit in Oniguruma, horizontal white space in PCRE2; \v the
+    // vertical tab, or vertical white space; \w, \b differ on Unicode classes;
+    // \C (one code unit, cutting UTF-8 apart) Oniguruma refuses (found by fuzzing).
+    INFO("regex " << pattern);
+    refused(
+        [&](Json& d) {
+          d["pre_tokenizer"] = encodings()["variants"]["llama3_split"];
+          d["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = std::string(pattern);
+        },
+        "pre_tokenizer.pretokenizers[0].pattern", pattern.substr(pattern.find('\\'), 2));
+  }
   const Json split = encodings()["variants"]["llama3_split"];
   refused(
       [&](Json& d) {

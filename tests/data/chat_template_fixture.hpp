@@ -78,13 +78,18 @@ inline TurnTemplateConfig xtuner_template_config(std::string_view name) {
   };
 }
 
+/// The case's role order: "strict", "xtuner" (TurnTemplate's RoleOrder), or
+/// "tutorial" (Phi2ChatML::keep_trailing_question).
+inline std::string case_role_order_name(const Json& test_case) { return test_case.value("role_order", "strict"); }
+
 inline RoleOrder case_role_order(const Json& test_case) {
-  return test_case.value("role_order", "strict") == "xtuner" ? RoleOrder::xtuner : RoleOrder::strict;
+  return case_role_order_name(test_case) == "xtuner" ? RoleOrder::xtuner : RoleOrder::strict;
 }
 
 /// Calls use(chat_template) with the template a fixture case names: the
 /// library's own for internlm2_chat, qwen_chat, phi2_chatml and pretrain, a
-/// TurnTemplate from XTuner's strings for the others.
+/// TurnTemplate from XTuner's strings for the others, each with the case's
+/// role order.
 template <class Use>
 void with_case_template(const Json& test_case, Use&& use) {
   const std::string name = test_case["template"].get<std::string>();
@@ -94,7 +99,7 @@ void with_case_template(const Json& test_case, Use&& use) {
   } else if (name == "qwen_chat") {
     use(ChatML(role_order));
   } else if (name == "phi2_chatml") {
-    use(Phi2ChatML{});
+    use(Phi2ChatML{.keep_trailing_question = case_role_order_name(test_case) == "tutorial"});
   } else if (name == "pretrain") {
     use(Pretrain{});
   } else if (name == "pretrain_eos") {

@@ -1,7 +1,8 @@
 // Role-order rules: every way a strict conversation can be out of order is
 // Error("WrongRoleOrder") naming the message index and the roles; RoleOrder::xtuner
 // cuts turns as XTuner's openai_map_fn does (the rendered result is compared
-// with XTuner's in turn_template_test.cpp; here, the turns themselves).
+// with XTuner's in turn_template_test.cpp; here, the turns themselves) and
+// counts the messages it drops and joins (counted by hand in the comments).
 #include <qlora/data/chat_turns.hpp>
 
 #include <initializer_list>
@@ -38,15 +39,22 @@ struct TurnSummary {
   bool operator==(const TurnSummary&) const = default;
 };
 
-std::vector<TurnSummary> turns(const Conversation& c, RoleOrder order) {
+std::vector<TurnSummary> turns(const Conversation& c, RoleOrder order, qlora::ChatTurnCuts* cuts = nullptr) {
   std::vector<TurnSummary> out;
-  qlora::for_each_chat_turn(c, order, [&](const ChatTurn& turn) {
+  const qlora::ChatTurnCuts made = qlora::for_each_chat_turn(c, order, [&](const ChatTurn& turn) {
     TurnSummary summary{turn.first_index, turn.number, turn.system() ? turn.system()->content : "<none>", "",
                         turn.answer().content};
     turn.for_each_input([&](std::string_view piece) { summary.input += piece; });
     out.push_back(summary);
   });
+  if (cuts != nullptr) *cuts = made;
   return out;
+}
+
+std::pair<std::size_t, std::size_t> xtuner_cuts(const Conversation& c) {
+  qlora::ChatTurnCuts cuts;
+  turns(c, RoleOrder::xtuner, &cuts);
+  return {cuts.dropped_messages, cuts.joined_messages};
 }
 
 void require_strict_error(const Conversation& c, const char* part1, const char* part2) {
@@ -76,9 +84,14 @@ TEST_CASE("a strict conversation is cut into system? user assistant turns") {
                                        {Role::assistant, "A3"}});
   const std::vector<TurnSummary> expected{
       {0, 0, "S", "Q1", "A1"}, {3, 1, "<none>", "Q2", "A2"}, {5, 2, "S3", "Q3", "A3"}};
-  CHECK(turns(c, RoleOrder::strict) == expected);
-  // A well-formed conversation is cut the same way under both policies.
-  CHECK(turns(c, RoleOrder::xtuner) == expected);
+  qlora::ChatTurnCuts cuts{9, 9};
+  CHECK(turns(c, RoleOrder::strict, &cuts) == expected);
+  CHECK(cuts.dropped_messages == 0);
+  CHECK(cuts.joined_messages == 0);
+  // A well-formed conversation is cut the same way under both policies, and loses nothing.
+  CHECK(turns(c, RoleOrder::xtuner, &cuts) == expected);
+  CHECK(cuts.dropped_messages == 0);
+  CHECK(cuts.joined_messages == 0);
 }
 
 TEST_CASE("RoleOrder::xtuner cuts turns as openai_map_fn does") {
@@ -93,8 +106,17 @@ TEST_CASE("RoleOrder::xtuner cuts turns as openai_map_fn does") {
                                        {Role::assistant, "A2"},
                                        {Role::user, "trailing"}});
   CHECK(turns(c, RoleOrder::xtuner) == std::vector<TurnSummary>{{1, 0, "S", "a bc", "A"}, {6, 1, "<none>", "", "A2"}});
-  // A conversation with no answer keeps no turn (nothing reported: XTuner's behaviour).
-  CHECK(turns(conversation({{Role::system, "S"}, {Role::user, "Q"}}), RoleOrder::xtuner).empty());
+  // Dropped: "lead" and "trailing"; joined: "b" and "c" to "a ".
+  CHECK(xtuner_cuts(c) == std::pair<std::size_t, std::size_t>{2, 2});
+  // A conversation with no answer keeps no turn (as XTuner), and both its messages count as dropped.
+  const Conversation unanswered = conversation({{Role::system, "S"}, {Role::user, "Q"}});
+  CHECK(turns(unanswered, RoleOrder::xtuner).empty());
+  CHECK(xtuner_cuts(unanswered) == std::pair<std::size_t, std::size_t>{2, 0});
+  // The turn's last system message replaces the one before it ("S1" dropped); "Q2" joined.
+  const Conversation two_systems = conversation(
+      {{Role::system, "S1"}, {Role::user, "Q1"}, {Role::system, "S2"}, {Role::user, "Q2"}, {Role::assistant, "A"}});
+  CHECK(turns(two_systems, RoleOrder::xtuner) == std::vector<TurnSummary>{{0, 0, "S2", "Q1Q2", "A"}});
+  CHECK(xtuner_cuts(two_systems) == std::pair<std::size_t, std::size_t>{1, 1});
 }
 
 TEST_CASE("strict role order: each violation names the message and the roles") {

@@ -1,6 +1,7 @@
 // ConversationReader: format detection over whole files (the fixtures of
 // tests/reference/dataset_formats.py), a record that does not match the
-// detected format, and skip-and-count for records that do not convert.
+// detected format, and skip-and-count for records that do not convert or that
+// a later stage rejects.
 #include <qlora/data/conversation_reader.hpp>
 
 #include <cstdint>
@@ -110,4 +111,33 @@ TEST_CASE("ConversationReader with BadLinePolicy::skip skips records that do not
                     "from line 3)",
                     path.string()));
   CHECK(reader.jsonl().records() == 2);
+}
+
+TEST_CASE("ConversationReader::reject locates a record a later stage refused, or skips and counts it") {
+  const TempDir dir;
+  const auto path = dir / "chat.jsonl";
+  write_bytes(path, "{\"messages\": [\"q1\", \"a1\"]}\n{\"messages\": [\"q2\"]}\n{\"messages\": [\"q3\", \"a3\"]}\n");
+  const qlora::Error unanswered("WrongRoleOrder", "messages[0] is 'user' and ends the conversation");
+  Conversation conversation;
+
+  ConversationReader strict(path);
+  REQUIRE(strict.next(conversation));
+  REQUIRE(strict.next(conversation));
+  require_error([&] { strict.reject(unanswered); }, "WrongRoleOrder",
+                fmt::format("{}:2: messages[0] is 'user' and ends the conversation", path.string()));
+
+  ConversationReader lenient(path, DatasetFormat::detect, {.bad_lines = BadLinePolicy::skip});
+  std::vector<std::uint64_t> kept;
+  while (lenient.next(conversation)) {
+    if (conversation.messages.size() == 1) {
+      lenient.reject(unanswered);
+    } else {
+      kept.push_back(conversation.line);
+    }
+  }
+  CHECK(kept == std::vector<std::uint64_t>{1, 3});
+  CHECK(lenient.jsonl().records() == 2);
+  CHECK(lenient.jsonl().bad_lines().count("WrongRoleOrder") == 1);
+  CHECK(lenient.jsonl().bad_lines().first().at(0).message ==
+        fmt::format("{}:2: messages[0] is 'user' and ends the conversation", path.string()));
 }

@@ -1,8 +1,9 @@
-// Epoch orders, sharding and the resume cursor. Sharding is checked against
-// torch's DistributedSampler (tests/reference/xtuner_packing.py records what it
-// gives each rank for a given permutation); the permutations against the
-// independent implementation of the documented algorithm in the same script;
-// resuming against the uninterrupted sequence itself.
+// EpochSampler: epoch orders, ranks' shares of them, and resuming from a
+// cursor. The permutations are checked against the independent implementation
+// of the documented algorithm in tests/reference/xtuner_packing.py; resuming
+// against the uninterrupted sequence itself. (The sharding arithmetic is
+// checked against torch in shard_layout_test.cpp, the cursor's JSON in
+// epoch_cursor_test.cpp.)
 #include <qlora/data/epoch_order.hpp>
 
 #include <algorithm>
@@ -10,7 +11,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <numeric>
 #include <string>
 #include <vector>
 
@@ -41,26 +41,6 @@ EpochOrderOptions options_for(std::size_t world_size, std::size_t rank, ShardPol
 }
 
 }  // namespace
-
-TEST_CASE("shards match torch's DistributedSampler, repeating or dropping as it does") {
-  const Json fixture = qlora::test::packing_fixture("distributed_sampler.json");
-  for (const Json& sampler_case : fixture.at("cases")) {
-    const std::vector<std::size_t> permutation = sizes(sampler_case.at("permutation"));
-    const auto world = sampler_case.at("world_size").get<std::size_t>();
-    const bool drop_last = sampler_case.at("drop_last").get<bool>();
-    const ShardPolicy policy = drop_last ? ShardPolicy::drop_last : ShardPolicy::repeat;
-    INFO("n " << permutation.size() << " world " << world << " drop_last " << drop_last);
-    const qlora::ShardLayout layout = qlora::shard_layout(permutation.size(), world, policy);
-    const auto per_rank = sampler_case.at("num_samples").get<std::size_t>();
-    const auto total = sampler_case.at("total_size").get<std::size_t>();
-    CHECK(layout.per_rank == per_rank);
-    CHECK(layout.repeated == (total > permutation.size() ? total - permutation.size() : 0));
-    CHECK(layout.dropped == (total < permutation.size() ? permutation.size() - total : 0));
-    for (std::size_t rank = 0; rank < world; ++rank) {
-      CHECK(qlora::shard(permutation, world, rank, policy) == sizes(sampler_case.at("ranks")[rank]));
-    }
-  }
-}
 
 TEST_CASE("epoch permutations follow the documented algorithm") {
   const Json fixture = qlora::test::packing_fixture("epoch_permutations.json");
@@ -137,7 +117,7 @@ TEST_CASE("a restored cursor yields exactly the rest of the sequence") {
   }
   for (std::size_t k = 0; k < cursors.size(); ++k) {
     INFO("resumed after " << k << " samples");
-    const Cursor cursor = Cursor::from_json(cursors[k]);
+    const Cursor cursor = Cursor::from_json(cursors[k], "cursor.json");
     CHECK(cursor.to_json() == cursors[k]);
     EpochSampler resumed(n, fingerprint, options);
     resumed.restore(cursor);
@@ -145,7 +125,7 @@ TEST_CASE("a restored cursor yields exactly the rest of the sequence") {
     for (std::size_t i = k; i < sequence.size(); ++i) REQUIRE(resumed.next() == sequence[i]);
   }
   // The end of an epoch and the start of the next resume alike.
-  Cursor end_of_epoch = Cursor::from_json(cursors[0]);
+  Cursor end_of_epoch = Cursor::from_json(cursors[0], "cursor.json");
   end_of_epoch.position = reference.layout().per_rank;
   EpochSampler resumed(n, fingerprint, options);
   resumed.restore(end_of_epoch);
@@ -176,30 +156,6 @@ TEST_CASE("a cursor from another run is refused, naming what differs") {
   too_far.position = 6;
   EpochSampler same(20, fingerprint, options_for(4, 2));
   require_error([&] { same.restore(too_far); }, "CursorMismatch", "position 6", "5 samples");
-}
-
-TEST_CASE("cursor JSON errors name the field") {
-  const std::string valid = EpochSampler(5, fingerprint, options_for(1, 0)).cursor().to_json();
-  Json json = Json::parse(valid);
-  const auto with = [&json](const char* key, const Json& value) {
-    Json changed = json;
-    changed[key] = value;
-    return changed.dump();
-  };
-  Json missing = json;
-  missing.erase("rank");
-  require_error([] { (void)Cursor::from_json("{\"seed\": "); }, "InvalidCursor", "not valid JSON");
-  require_error([] { (void)Cursor::from_json("[1, 2]"); }, "InvalidCursor", "JSON object", "array");
-  require_error([&] { (void)Cursor::from_json(missing.dump()); }, "InvalidCursor", "no field \"rank\"");
-  require_error([&] { (void)Cursor::from_json(with("epoch", -1)); }, "InvalidCursor", "\"epoch\"", "-1");
-  require_error([&] { (void)Cursor::from_json(with("seed", "7")); }, "InvalidCursor", "\"seed\"");
-  require_error([&] { (void)Cursor::from_json(with("shuffle", 1)); }, "InvalidCursor", "\"shuffle\"");
-  require_error([&] { (void)Cursor::from_json(with("shard_policy", "pad")); }, "InvalidCursor", "\"pad\"");
-  require_error([&] { (void)Cursor::from_json(with("dataset_fingerprint", 3)); }, "InvalidCursor",
-                "dataset_fingerprint");
-  require_error([&] { (void)Cursor::from_json(with("samples", 3)); }, "InvalidCursor", "unknown field \"samples\"");
-  CHECK(Cursor::from_json(valid).to_json() == valid);
-  CHECK(Cursor::from_json(with("seed", 18446744073709551615ull)).seed == 18446744073709551615ull);
 }
 
 TEST_CASE("samplers that cannot produce a sequence are errors") {

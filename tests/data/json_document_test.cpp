@@ -1,11 +1,13 @@
 // JsonDocument and JsonValue: walking a parsed document, string decoding
 // against CPython's json.loads (tests/data/data/formats/texts.json, written by
 // tests/reference/dataset_formats.py), and the errors where we are stricter
-// than CPython. (CPython's verdicts on malformed lines, columns included, are
-// checked through JsonlReader in jsonl_reader_test.cpp.)
+// than CPython, and the budget of values. (CPython's verdicts on malformed
+// lines, columns included, are checked through JsonlReader in
+// jsonl_reader_test.cpp.)
 #include <qlora/data/json_document.hpp>
 
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -170,4 +172,29 @@ TEST_CASE("JsonDocument rejects what CPython lets through") {
     CHECK(error.reason == "nesting deeper than 1000 levels");
     CHECK(column_of(too_deep, error) == 1001);
   }
+}
+
+TEST_CASE("JsonDocument holds at most max_values values") {
+  // Values counted by hand: the object, the key, the array and its elements.
+  JsonDocument document(5);
+  CHECK_FALSE(document.try_parse(R"({"a": [1, 2]})").has_value());
+  CHECK_FALSE(document.try_parse(R"({"a": {}, "b": null})").has_value());
+  const std::string_view six = R"({"a": [1, 2, 3]})";
+  const std::optional<JsonParseError> error = document.try_parse(six);
+  REQUIRE(error.has_value());
+  CHECK(error->code == std::string_view("RecordTooComplex"));
+  CHECK(error->reason == "more than 5 values in one document");
+  CHECK(column_of(six, *error) == 14);  // the sixth value, "3"
+  // A key counts as much as a value: six values, the last one a key.
+  require_error([&] { document.parse(R"({"a": [1, 2], "b": 3})"); }, "RecordTooComplex", "line 1, column 15");
+  // The document is still usable after the refusal.
+  document.parse("[0, 0, 0, 0]");
+  CHECK(document.root().size() == 4);
+  // By default only the 32-bit offsets limit it.
+  std::string wide = "[0";
+  for (int i = 0; i < 100000; ++i) wide += ",0";
+  wide += "]";
+  JsonDocument unlimited;
+  CHECK_FALSE(unlimited.try_parse(wide).has_value());
+  require_error([] { JsonDocument(0); }, "InvalidArgument", "max_values");
 }

@@ -150,6 +150,20 @@ TEST_CASE("JsonlReader handles a BOM, CRLF, blank lines and a last line without 
   CHECK(reader.blank_lines() == 2);
   CHECK(reader.bytes_consumed() == std::filesystem::file_size(path));
 
+  // The BOM is not part of line 1: a first line of exactly max_line_bytes
+  // after it is a record whatever the buffer size, with or without "\r\n" or
+  // a final newline (found by fuzzing: it used to depend on the buffer).
+  for (const std::string_view end : {"\n", "\r\n", ""}) {
+    write_bytes(path, std::string("\xEF\xBB\xBF{\"a\":\"12345678\"}") + std::string(end));
+    for (const std::size_t buffer : {1, 3, 4, 64}) {
+      INFO("buffer " << buffer << ", line end " << end.size() << " bytes");
+      JsonlReader limited(path, {.buffer_bytes = buffer, .max_line_bytes = 16});
+      CHECK(limited.next().has_value());
+      CHECK_FALSE(limited.next().has_value());
+      CHECK(limited.bytes_consumed() == std::filesystem::file_size(path));
+    }
+  }
+
   // A "\r" that is not followed by "\n" is JSON whitespace, not a line end.
   write_bytes(path, "{\"a\": 1}\r");
   JsonlReader lone_cr(path);
@@ -235,6 +249,41 @@ TEST_CASE("JsonlReader's line limit: LineTooLong, or the line skipped without be
                       "(JsonlReaderOptions::max_line_bytes)",
                       path.string()));
   }
+}
+
+TEST_CASE("JsonlReader refuses a record of more values than the default budget before it costs a GiB") {
+  // 2^20 + 3 values (the object, the key, the array and 2^20 numbers) in 2 MiB
+  // of text: each value is a 32-byte node, so without a budget a 64 MiB line
+  // of "0," would take 1 GiB of nodes.
+  const TempDir dir;
+  const auto path = dir / "wide.jsonl";
+  std::string wide = "{\"ids\": [0";
+  for (std::size_t i = 1; i < (std::size_t{1} << 20); ++i) wide += ",0";
+  wide += "]}\n{\"ids\": [1, 2]}\n";
+  write_bytes(path, wide);
+  JsonlReader strict(path);
+  require_error([&] { (void)strict.next(); }, "RecordTooComplex", fmt::format("{}:1:", path.string()),
+                "JsonlReaderOptions::max_values");
+  JsonlReader lenient(path, {.bad_lines = BadLinePolicy::skip});
+  CHECK(record_lines(lenient) == std::vector<std::uint64_t>{2});
+  CHECK(lenient.bad_lines().count("RecordTooComplex") == 1);
+}
+
+TEST_CASE("JsonlReaderOptions::max_values: RecordTooComplex at file:line:column, or skipped") {
+  const TempDir dir;
+  const auto path = dir / "values.jsonl";
+  // 5 values (object, key, array, two numbers), then 6, then 5 again.
+  write_bytes(path, "{\"a\": [1, 2]}\n{\"a\": [1, 2, 3]}\n{\"b\": [3, 4]}\n");
+  JsonlReader strict(path, {.max_values = 5});
+  REQUIRE(strict.next().has_value());
+  require_error([&] { (void)strict.next(); }, "RecordTooComplex",
+                fmt::format("{}:2:14: more than 5 values in one document (JsonlReaderOptions::max_values)",
+                            path.string()));
+  JsonlReader lenient(path, {.max_values = 5, .bad_lines = BadLinePolicy::skip});
+  CHECK(record_lines(lenient) == std::vector<std::uint64_t>{1, 3});
+  CHECK(lenient.bad_lines().count("RecordTooComplex") == 1);
+  CHECK(lenient.bad_lines().first().at(0).column == 14);
+  require_error([&] { JsonlReader(path, {.max_values = 0}); }, "InvalidArgument", "max_values");
 }
 
 TEST_CASE("JsonlReader::reject_record throws with the location, or logs under skip") {

@@ -18,15 +18,6 @@ using qlora::test::require_error;
 
 namespace {
 
-PackedSequence from_chunk(const Json& chunk) {
-  PackedSequence packed;
-  packed.input_ids = qlora::test::ints(chunk.at("input_ids"));
-  packed.labels = qlora::test::ints(chunk.at("labels"));
-  packed.position_ids = qlora::test::ints(chunk.at("position_ids"));
-  packed.cu_seqlens = qlora::test::ints(chunk.at("cumulative_len"));
-  return packed;
-}
-
 /// Three segments of lengths 3, 1, 2.
 PackedSequence three_segments() {
   PackedSequence packed;
@@ -58,14 +49,12 @@ TEST_CASE("XTuner's chunks satisfy the invariants; the collator's max_seqlen is 
   const Json toy = qlora::test::packing_fixture("xtuner_packer_toy.json");
   for (const Json& toy_case : toy.at("cases")) {
     for (const Json& call : toy_case.at("calls")) {
-      for (const Json& chunk : call.at("chunks")) from_chunk(chunk).validate();
+      for (const Json& chunk : call.at("chunks")) qlora::test::packed_from_chunk(chunk).validate();
     }
   }
   const Json collate = qlora::test::packing_fixture("collate.json");
-  for (const Json& collate_case : collate.at("cases")) {
-    if (collate_case.at("name") != "xtuner_varlen") continue;
-    CHECK(from_chunk(collate_case.at("chunk")).max_seqlen() == collate_case.at("max_seqlen").get<std::int32_t>());
-  }
+  const Json& varlen = qlora::test::collate_case(collate, "xtuner_varlen");
+  CHECK(qlora::test::packed_from_chunk(varlen.at("chunk")).max_seqlen() == varlen.at("max_seqlen").get<std::int32_t>());
 }
 
 TEST_CASE("validate names each broken invariant") {
@@ -95,8 +84,15 @@ TEST_CASE("validate names each broken invariant") {
 TEST_CASE("append_segment refuses what would break the invariants") {
   PackedSequence packed;
   const std::vector<TokenId> ids{1, 2}, one_label{1}, none{};
-  require_error([&] { packed.append_segment(ids, one_label); }, "LabelsLengthMismatch", "1 labels for 2 input_ids");
-  require_error([&] { packed.append_segment(none, none); }, "EmptySample", "no tokens");
+  require_error([&] { packed.append_segment(ids, one_label); }, "LabelsLengthMismatch", "packed segment 0",
+                "1 labels for 2 input_ids");
+  require_error([&] { packed.append_segment(none, none); }, "EmptySample", "packed segment 0", "no tokens");
   CHECK(packed.size() == 0);
   CHECK(packed.cu_seqlens.empty());
+  // The segment is named by its number in the row; the checks are the packers'
+  // own (detail/sample_checks.hpp), so a sample and a segment fail alike.
+  packed.append_segment(ids, ids);
+  require_error([&] { packed.append_segment(ids, one_label); }, "LabelsLengthMismatch", "packed segment 1",
+                "expected one label per token");
+  CHECK(packed.segment_count() == 1);
 }

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -48,6 +49,36 @@ inline std::vector<EncodedSample> batch_from(const Json& batch) {
     result.push_back(std::move(sample));
   }
   return result;
+}
+
+/// A chunk XTuner built with use_varlen_attn, as it is: its ids, labels,
+/// position_ids and cumulative_len (unchecked, so that tests can break it).
+inline PackedSequence packed_from_chunk(const Json& chunk) {
+  PackedSequence packed;
+  packed.input_ids = ints(chunk.at("input_ids"));
+  packed.labels = ints(chunk.at("labels"));
+  packed.position_ids = ints(chunk.at("position_ids"));
+  packed.cu_seqlens = ints(chunk.at("cumulative_len"));
+  return packed;
+}
+
+/// The case named `name` of collate.json.
+inline const Json& collate_case(const Json& fixture, const std::string& name) {
+  for (const Json& entry : fixture.at("cases")) {
+    if (entry.at("name") == name) return entry;
+  }
+  FAIL("no collate case " << name);
+  throw std::logic_error("unreachable");
+}
+
+/// A [batch, length] fixture array, flattened row-major as Batch holds it.
+inline std::vector<std::int32_t> flat(const Json& rows) {
+  std::vector<std::int32_t> values;
+  for (const Json& row : rows) {
+    const std::vector<std::int32_t> cells = ints(row);
+    values.insert(values.end(), cells.begin(), cells.end());
+  }
+  return values;
 }
 
 /// `packed` is XTuner's chunk: same ids and labels, and when the chunk records

@@ -1,13 +1,16 @@
-// PadCollator and varlen_batch against the collators they stand in for
-// (tests/reference/xtuner_packing.py): XTuner's default_collate_fn, padded and
-// varlen; the Phi-2 tutorial's collate; transformers' DataCollatorForSeq2Seq
-// with pad_to_multiple_of; and transformers' refusal to pad without a pad token.
+// PadCollator against the collators it stands in for
+// (tests/reference/xtuner_packing.py): XTuner's default_collate_fn without
+// varlen attention, the Phi-2 tutorial's collate, transformers'
+// DataCollatorForSeq2Seq with pad_to_multiple_of, and transformers' refusal to
+// pad without a pad token; and the bounds that keep the padded length from
+// wrapping around.
 #include <qlora/data/pad_collator.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -20,37 +23,12 @@ using qlora::EncodedSample;
 using qlora::PackedSequence;
 using qlora::PadCollator;
 using qlora::TokenId;
+using qlora::test::collate_case;
+using qlora::test::flat;
 using qlora::test::Json;
 using qlora::test::require_error;
 
 namespace {
-
-const Json& collate_case(const Json& fixture, const std::string& name) {
-  for (const Json& entry : fixture.at("cases")) {
-    if (entry.at("name") == name) return entry;
-  }
-  FAIL("no collate case " << name);
-  throw std::logic_error("unreachable");
-}
-
-/// A [batch, length] fixture array, flattened row-major.
-std::vector<std::int32_t> flat(const Json& rows) {
-  std::vector<std::int32_t> values;
-  for (const Json& row : rows) {
-    const std::vector<std::int32_t> cells = qlora::test::ints(row);
-    values.insert(values.end(), cells.begin(), cells.end());
-  }
-  return values;
-}
-
-PackedSequence packed_from(const Json& chunk) {
-  PackedSequence packed;
-  packed.input_ids = qlora::test::ints(chunk.at("input_ids"));
-  packed.labels = qlora::test::ints(chunk.at("labels"));
-  packed.position_ids = qlora::test::ints(chunk.at("position_ids"));
-  packed.cu_seqlens = qlora::test::ints(chunk.at("cumulative_len"));
-  return packed;
-}
 
 void require_padded_like(const Batch& batch, const Json& expected) {
   const Json& ids = expected.at("input_ids");
@@ -93,34 +71,9 @@ TEST_CASE("pad_to_multiple_of matches transformers' DataCollatorForSeq2Seq") {
   CHECK(batch.length == 8);
 }
 
-TEST_CASE("packed rows collate padded (attention across the row) and varlen as XTuner does") {
+TEST_CASE("packed rows pad like samples, attending across the row as XTuner does without varlen attention") {
   const Json fixture = qlora::test::packing_fixture("collate.json");
-  const Json& expected = collate_case(fixture, "xtuner_varlen");
-  const PackedSequence packed = packed_from(expected.at("chunk"));
-
-  const std::vector<PackedSequence> one{packed};
-  const Batch varlen = qlora::varlen_batch(one);
-  CHECK(varlen.batch_size == 1);
-  CHECK(varlen.length == packed.size());
-  CHECK(varlen.input_ids == flat(expected.at("input_ids")));
-  CHECK(varlen.labels == flat(expected.at("labels")));
-  CHECK(varlen.position_ids == flat(expected.at("position_ids")));
-  CHECK(varlen.cu_seqlens == qlora::test::ints(expected.at("cumulative_len")));
-  CHECK(varlen.max_seqlen == expected.at("max_seqlen").get<std::int32_t>());
-  CHECK(expected.at("attention_mask").is_null());
-  CHECK(varlen.attention_mask.empty());
-  CHECK(varlen.varlen());
-
-  // Two rows (XTuner allows one) lie end to end: the second row's boundaries
-  // move by the first row's length, its positions stay its own.
-  const std::vector<PackedSequence> two{packed, packed};
-  const Batch joined = qlora::varlen_batch(two);
-  CHECK(joined.length == 2 * packed.size());
-  CHECK(joined.cu_seqlens == std::vector<std::int32_t>{0, 3, 5, 8, 11, 13, 16});
-  CHECK(joined.row(joined.position_ids, 0).subspan(8, 3)[2] == 2);
-  CHECK(joined.max_seqlen == varlen.max_seqlen);
-
-  // Without varlen attention XTuner pads packed rows like samples.
+  const PackedSequence packed = qlora::test::packed_from_chunk(collate_case(fixture, "xtuner_varlen").at("chunk"));
   PackedSequence shorter = packed;
   shorter.input_ids.resize(5);
   shorter.labels.resize(5);
@@ -129,8 +82,11 @@ TEST_CASE("packed rows collate padded (attention across the row) and varlen as X
   const std::vector<PackedSequence> rows{packed, shorter};
   const Batch padded = PadCollator(0)(rows);
   CHECK(padded.length == 8);
+  CHECK(padded.row(padded.input_ids, 0)[7] == packed.input_ids[7]);
   CHECK(padded.row(padded.attention_mask, 1)[4] == 1);
   CHECK(padded.row(padded.attention_mask, 1)[5] == 0);
+  // 0..length-1, not the packed positions: the segments see each other.
+  CHECK(padded.row(padded.position_ids, 0)[3] == 3);
   CHECK(padded.row(padded.position_ids, 1)[7] == 7);
   CHECK(padded.cu_seqlens.empty());
 }
@@ -142,11 +98,45 @@ TEST_CASE("no pad token is the error transformers gives") {
   require_error([] { PadCollator collator(std::nullopt); }, "MissingPadToken", first_sentence, "SpecialRole::pad");
 }
 
+// (longest + m - 1) / m * m wrapped to 0 for m near SIZE_MAX, and rows were
+// then copied into empty arrays. The multiple is now bounded by what int32
+// position_ids can count, and the rounded length is checked against it.
+TEST_CASE("the padded length is bounded by int32 position_ids and cannot wrap") {
+  constexpr std::size_t max_tokens = PackedSequence::max_tokens;  // 2^31 - 1
+  require_error([] { PadCollator collator(0, std::numeric_limits<std::size_t>::max()); }, "InvalidPadMultiple",
+                "pad_to_multiple_of 18446744073709551615", "2147483647");
+  require_error([] { PadCollator collator(0, max_tokens + 1); }, "InvalidPadMultiple", "2147483648");
+  require_error([] { PadCollator collator(0, 0); }, "InvalidPadMultiple", "pad_to_multiple_of 0");
+
+  const PadCollator widest(0, max_tokens);
+  CHECK(widest.padded_length(1) == max_tokens);
+  CHECK(widest.padded_length(max_tokens) == max_tokens);
+  require_error([&] { (void)widest.padded_length(max_tokens + 1); }, "BatchTooLong", "2147483648 tokens");
+  require_error([&] { (void)widest.padded_length(std::numeric_limits<std::size_t>::max()); }, "BatchTooLong",
+                "18446744073709551615 tokens");
+
+  // 2^31 - 1 is odd: rounding it up to an even length leaves int32.
+  const PadCollator even(0, 2);
+  CHECK(even.padded_length(max_tokens - 1) == max_tokens - 1);
+  require_error([&] { (void)even.padded_length(max_tokens); }, "BatchTooLong", "2147483648 tokens long");
+
+  CHECK(PadCollator(0).padded_length(5) == 5);
+  CHECK(PadCollator(0, 8).padded_length(8) == 8);
+  CHECK(PadCollator(0, 8).padded_length(9) == 16);
+
+  // A large multiple that fits pads for real: every row to 2^16.
+  const std::vector<EncodedSample> samples{EncodedSample{{7, 8, 9}, {7, 8, 9}, 0}};
+  const Batch wide = PadCollator(3, std::size_t{1} << 16)(samples);
+  CHECK(wide.length == std::size_t{1} << 16);
+  CHECK(wide.input_ids.size() == wide.length);
+  CHECK(wide.input_ids.back() == 3);
+  CHECK(std::count(wide.attention_mask.begin(), wide.attention_mask.end(), 1) == 3);
+  CHECK(wide.position_ids.back() == (1 << 16) - 1);
+}
+
 TEST_CASE("collation input errors are named") {
-  require_error([] { PadCollator collator(0, 0); }, "InvalidPadMultiple", "pad_to_multiple_of");
   const std::vector<EncodedSample> none;
   require_error([&] { (void)PadCollator(0)(none); }, "EmptyBatch", "empty batch");
-  require_error([] { (void)qlora::varlen_batch({}); }, "EmptyBatch", "empty batch");
   const std::vector<EncodedSample> mismatched{EncodedSample{{1, 2}, {1, 2}, 0}, EncodedSample{{1, 2}, {1}, 5}};
   require_error([&] { (void)PadCollator(0)(mismatched); }, "LabelsLengthMismatch", "sample 1 (line 5)");
   PackedSequence broken;
@@ -155,5 +145,5 @@ TEST_CASE("collation input errors are named") {
   broken.position_ids = {0, 1};
   broken.cu_seqlens = {0, 1};
   const std::vector<PackedSequence> rows{broken};
-  require_error([&] { (void)qlora::varlen_batch(rows); }, "InvalidCuSeqlens", "packed row 0", "ends at 1");
+  require_error([&] { (void)PadCollator(0)(rows); }, "InvalidCuSeqlens", "packed row 0", "ends at 1");
 }

@@ -5,8 +5,9 @@
 // ids and labels equal, for every fixture case and every max_length the script
 // tried (no cut, the last token cut, halfway, just before the first learned
 // token, three tokens into the first answer), and the same samples dropped.
-// Then the truncation policies, the statistics, the special-token checks and
-// the errors.
+// Then the truncation policies, the statistics (RoleOrder::xtuner's dropped
+// and joined messages counted by hand), the special-token checks and the
+// errors, thrown with the line or handed to a handler.
 #include <qlora/data/sample_encoder.hpp>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -41,6 +43,7 @@ using qlora::Message;
 using qlora::Phi2ChatML;
 using qlora::Pretrain;
 using qlora::Role;
+using qlora::RoleOrder;
 using qlora::SampleEncoder;
 using qlora::TokenId;
 using qlora::Truncation;
@@ -66,6 +69,17 @@ std::uint64_t supervised_count(const Ids& labels, std::size_t from = 0) {
   return static_cast<std::uint64_t>(std::count_if(labels.begin() + static_cast<std::ptrdiff_t>(from), labels.end(),
                                                   [](TokenId label) { return label != ignore_index; }));
 }
+
+/// The toy tokenizer, failing on text that holds "boom": a stand-in for a
+/// tokenizer error (the real ones throw for input they cannot encode).
+class FailingTokenizer : public ToyTokenizer {
+ public:
+  using ToyTokenizer::ToyTokenizer;
+  void encode_into(std::string_view text, Ids& out) const {
+    qlora::check(text.find("boom") == std::string_view::npos, "TokenizerFailure", "cannot encode {:?}", text);
+    ToyTokenizer::encode_into(text, out);
+  }
+};
 
 }  // namespace
 
@@ -100,6 +114,7 @@ TEST_CASE("ids and labels are XTuner's encode_fn and the tutorial's tokenize, tr
         CHECK(stats.truncated_supervised_tokens == (cut ? supervised_count(full_labels, max_length) : 0u));
         CHECK(stats.kept_tokens == (kept ? std::min(full_labels.size(), max_length) : 0u));
         CHECK(stats.dropped_too_long == 0);
+        CHECK(stats.rejected_samples == 0);
       });
       ++checked;
     }
@@ -139,9 +154,10 @@ TEST_CASE("one encoder and one output sample serve many conversations") {
 
 TEST_CASE("Truncation::drop and Truncation::error refuse what truncate_right cuts") {
   const ToyTokenizer tokenizer(chatml_tokens);
-  // 4 + 1 user bytes, 2 answer bytes: with ChatML's strings, 36 tokens.
+  // 5 user bytes, 2 answer bytes: with ChatML's strings (21 ids), 28 tokens.
   const Conversation c = chat(42, {{Role::user, "Hello"}, {Role::assistant, "Hi"}});
   const std::size_t length = SampleEncoder(tokenizer, ChatML()).encode(c)->input_ids.size();
+  REQUIRE(length == 28);
 
   SampleEncoder fits(tokenizer, ChatML(), EncodeOptions{.max_length = length, .truncation = Truncation::error});
   CHECK(fits.encode(c).has_value());
@@ -158,7 +174,7 @@ TEST_CASE("Truncation::drop and Truncation::error refuse what truncate_right cut
 }
 
 TEST_CASE("EncodeStats add up and read as one line") {
-  EncodeStats a{.samples_seen = 10,
+  EncodeStats a{.samples_seen = 11,
                 .samples_kept = 7,
                 .kept_tokens = 700,
                 .kept_supervised_tokens = 300,
@@ -166,15 +182,40 @@ TEST_CASE("EncodeStats add up and read as one line") {
                 .truncated_tokens = 50,
                 .truncated_supervised_tokens = 40,
                 .dropped_too_long = 1,
-                .dropped_no_supervised_tokens = 2};
+                .dropped_no_supervised_tokens = 2,
+                .rejected_samples = 1,
+                .dropped_messages = 3,
+                .joined_messages = 4};
   EncodeStats b = a;
   b += a;
-  CHECK(b.samples_seen == 20);
+  CHECK(b.samples_seen == 22);
   CHECK(b.dropped_no_supervised_tokens == 4);
   CHECK(b.truncated_supervised_tokens == 80);
+  CHECK(b.rejected_samples == 2);
+  CHECK(b.dropped_messages == 6);
+  CHECK(b.joined_messages == 8);
   CHECK(a.summary() ==
-        "kept 7 of 10 samples (700 tokens, 300 supervised); truncated 2 (cut 50 tokens, 40 supervised); "
-        "dropped 1 too long, 2 with no supervised token");
+        "kept 7 of 11 samples (700 tokens, 300 supervised); truncated 2 (cut 50 tokens, 40 supervised); "
+        "dropped 1 too long, 2 with no supervised token, 1 rejected by an error; role order dropped 3 messages, "
+        "joined 4");
+}
+
+TEST_CASE("the messages RoleOrder::xtuner drops and joins are counted, kept sample or not") {
+  const ToyTokenizer tokenizer = qlora::test::fixture_tokenizer();
+  SampleEncoder encoder(tokenizer, InternLM2Chat(RoleOrder::xtuner));
+  // "lenient": the leading answer and the trailing question dropped, "b" and "c" joined to "a ".
+  CHECK(encoder.encode(fixture_conversation("lenient")).has_value());
+  CHECK(encoder.stats().dropped_messages == 2);
+  CHECK(encoder.stats().joined_messages == 2);
+  // "lenient_unanswered" keeps no turn: both its messages dropped, and then the sample.
+  CHECK_FALSE(encoder.encode(fixture_conversation("lenient_unanswered")).has_value());
+  CHECK(encoder.stats().dropped_messages == 4);
+  CHECK(encoder.stats().joined_messages == 2);
+  CHECK(encoder.stats().dropped_no_supervised_tokens == 1);
+  // A well-formed conversation loses nothing.
+  CHECK(encoder.encode(fixture_conversation("canonical")).has_value());
+  CHECK(encoder.stats().dropped_messages == 4);
+  CHECK(encoder.stats().summary().ends_with("role order dropped 4 messages, joined 2"));
 }
 
 TEST_CASE("the template's special tokens must be split out by the tokenizer") {
@@ -222,6 +263,40 @@ TEST_CASE("errors while encoding name the conversation's line") {
   CHECK(error.message().starts_with("messages[0]"));
   CHECK(encoder.stats().samples_seen == 3);
   CHECK(encoder.stats().samples_kept == 0);
+  CHECK(encoder.stats().rejected_samples == 3);
+}
+
+TEST_CASE("with an error handler, errors are handed over unlocated and the sample is rejected") {
+  const FailingTokenizer tokenizer(chatml_tokens);
+  SampleEncoder encoder(tokenizer, ChatML(), EncodeOptions{.max_length = 40, .truncation = Truncation::error});
+  std::vector<std::string> errors;
+  const auto collect = [&](const qlora::Error& error) {
+    errors.push_back(fmt::format("{}: {}", error.code(), error.message()));
+  };
+  EncodedSample sample;
+  CHECK_FALSE(encoder.encode_into(chat(3, {{Role::user, "Q"}}), sample, collect));
+  CHECK_FALSE(encoder.encode_into(chat(4, {{Role::user, "boom"}, {Role::assistant, "A"}}), sample, collect));
+  // 42 tokens: ChatML's strings are 21 (each added token one id, each other byte one), then 20 + 1 bytes.
+  CHECK_FALSE(encoder.encode_into(chat(5, {{Role::user, std::string(20, 'q').c_str()}, {Role::assistant, "A"}}),
+                                  sample, collect));
+  CHECK(encoder.encode_into(chat(6, {{Role::user, "Q"}, {Role::assistant, "A"}}), sample, collect));
+  CHECK(errors == std::vector<std::string>{
+                      "WrongRoleOrder: messages[0] is 'user' and ends the conversation; expected an 'assistant' "
+                      "answer last (RoleOrder::xtuner drops messages after the last answer)",
+                      "TokenizerFailure: cannot encode \"<|im_start|>user\\nboom<|im_end|>\\n<|im_start|>assistant\\n\"",
+                      "SampleTooLong: 42 tokens, more than max_length 40"});
+  CHECK(sample.line == 6);
+  CHECK(encoder.stats().samples_seen == 4);
+  CHECK(encoder.stats().rejected_samples == 3);
+  CHECK(encoder.stats().samples_kept == 1);
+}
+
+TEST_CASE("a tokenizer's error names the conversation's line too") {
+  const FailingTokenizer tokenizer(chatml_tokens);
+  SampleEncoder encoder(tokenizer, ChatML());
+  require_error([&] { encoder.encode(chat(5, {{Role::user, "boom"}, {Role::assistant, "A"}})); }, "TokenizerFailure",
+                "line 5: cannot encode");
+  CHECK(encoder.encode(chat(6, {{Role::user, "Q"}, {Role::assistant, "A"}})).has_value());
 }
 
 TEST_CASE("max_length must be at least 1") {

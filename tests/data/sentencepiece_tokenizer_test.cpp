@@ -200,8 +200,44 @@ TEST_CASE("add_tokens and set_special_token at run time, as transformers' add_to
 
   require_error([&] { tokenizer.set_special_token(SpecialRole::eos, "<nowhere>"); }, "UnknownSpecialToken", "<nowhere>",
                 "EOS");
-  const std::vector<std::string> broken = {"ok", std::string("\xe4\xbd", 2)};
+  // All or nothing: "<ok>" before the broken token is not added either, and
+  // the next token still gets the id transformers would give it.
+  const std::vector<std::string> broken = {"<ok>", std::string("\xe4\xbd", 2)};
   require_error([&] { tokenizer.add_tokens(broken, qlora::AddedTokenKind::normal); }, "InvalidUtf8", "byte 0");
+  CHECK(tokenizer.vocab_size() == runtime["size_after"].get<std::size_t>());
+  CHECK_FALSE(tokenizer.token_to_id("<ok>"));
+  const std::vector<std::string> next = {"<next>"};
+  CHECK(tokenizer.add_tokens(next, qlora::AddedTokenKind::normal) == 1);
+  CHECK(tokenizer.token_to_id("<next>") == runtime["size_after"].get<TokenId>());
+}
+
+TEST_CASE("from_pretrained registers the config's special tokens the model lacks, in transformers' order") {
+  // A sep_token, a mask_token that is an added token already, and more
+  // additional_special_tokens: new ones, a model piece ("Hello") and an
+  // added_tokens_decoder entry that is not special (decode skips it, as
+  // transformers' all_special_ids does).
+  const Json& variant = encodings()["config_variant"];
+  TempDir dir;
+  std::filesystem::copy_file(model_dir() / "tokenizer.model", dir / "tokenizer.model");
+  qlora::test::write_bytes(dir / "tokenizer_config.json", variant["config"].dump());
+  const SentencePieceTokenizer tokenizer = SentencePieceTokenizer::from_pretrained(dir.path());
+  CHECK(tokenizer.vocab_size() == variant["size"].get<std::size_t>());
+  for (const auto& [token, id] : variant["ids"].items()) {
+    INFO("token: " << token);
+    CHECK(tokenizer.token_to_id(token) == id.get<TokenId>());
+  }
+  const Json& special = variant["special_ids"];
+  CHECK(tokenizer.special_ids().bos == special["bos"].get<TokenId>());
+  CHECK(tokenizer.special_ids().eos == special["eos"].get<TokenId>());
+  CHECK(tokenizer.special_ids().pad == special["pad"].get<TokenId>());
+  CHECK(tokenizer.special_ids().unk == special["unk"].get<TokenId>());
+  for (const Json& encoding : variant["encodings"]) {
+    const auto text = encoding["text"].get<std::string>();
+    INFO("text: " << text);
+    const std::vector<TokenId> ids = tokenizer.encode(text);
+    CHECK(ids == ids_of(encoding["ids"]));
+    CHECK(tokenizer.decode(ids, true) == encoding["decode_skip_special"].get<std::string>());
+  }
 }
 
 TEST_CASE("a file that is not a SentencePiece model is InvalidTokenizer, with SentencePiece's reason") {
@@ -259,8 +295,12 @@ TEST_CASE("an added id far beyond the model leaves ids between that are not in t
   SentencePieceTokenizer tokenizer = SentencePieceTokenizer::from_pretrained(dir.path());
   CHECK(tokenizer.vocab_size() == 1601);
   CHECK(tokenizer.decode(std::vector<TokenId>{1600}) == "<far>");
-  require_error([&] { (void)tokenizer.decode(std::vector<TokenId>{1550}); }, "InvalidTokenId", "token id 1550");
-  require_error([&] { (void)tokenizer.id_to_token(1550); }, "InvalidTokenId", "token id 1550");
+  require_error([&] { (void)tokenizer.decode(std::vector<TokenId>{1550}); }, "InvalidTokenId", "token id 1550",
+                "not in the vocabulary", "no added token has it");
+  require_error([&] { (void)tokenizer.id_to_token(1550); }, "InvalidTokenId", "token id 1550",
+                "no added token has it");
+  require_error([&] { (void)tokenizer.id_to_token(1601); }, "InvalidTokenId", "token id 1601",
+                "not in the vocabulary");
   // transformers numbers a new token len(get_vocab()) (1507 here, inside the gap; with other gaps
   // it can even be an added token's id); qlora takes one past the largest id, so that every id
   // stays below vocab_size().

@@ -1,5 +1,6 @@
 // TemplateSegments: segments keep their text, kind and flag in order; a text
-// segment built from pieces is one segment; clear() empties it for reuse.
+// segment built from pieces is one segment; the counts of dropped and joined
+// messages add up; clear() empties it (counts included) for reuse.
 #include <qlora/data/template_segment.hpp>
 
 #include <catch2/catch.hpp>
@@ -35,8 +36,14 @@ TEST_CASE("segments keep their order, kind, flag and text") {
 TEST_CASE("clear empties the buffer for the next conversation") {
   TemplateSegments segments;
   segments.add_text("first conversation", true);
+  segments.count_cuts(2, 1);
+  segments.count_cuts(1, 0);
+  CHECK(segments.dropped_messages() == 3);
+  CHECK(segments.joined_messages() == 1);
   segments.clear();
   CHECK(segments.empty());
+  CHECK(segments.dropped_messages() == 0);
+  CHECK(segments.joined_messages() == 0);
   segments.add_text("second", false);
   REQUIRE(segments.size() == 1);
   CHECK(segments[0].text == "second");

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
@@ -28,6 +29,11 @@ std::optional<std::string> string_or_null(const Json& value) {
   return value.get<std::string>();
 }
 
+std::optional<std::string> content_of(const std::optional<qlora::AddedToken>& token) {
+  if (!token) return std::nullopt;
+  return token->content;
+}
+
 TokenizerConfig parse(std::string_view text) { return parse_tokenizer_config(text, "cfg.json"); }
 
 }  // namespace
@@ -41,9 +47,9 @@ TEST_CASE("reads what transformers reads from each tokenizer_config.json fixture
     const Json& special = want["special_tokens"];
     // transformers fills a role the file does not name with the class default; the file's
     // own value (a name or null) is what the reader reports.
-    const auto check_role = [&](const char* role, const std::optional<std::string>& read) {
+    const auto check_role = [&](const char* role, const std::optional<qlora::AddedToken>& read) {
       if (special.contains(role)) {
-        CHECK(read == string_or_null(special[role]));
+        CHECK(content_of(read) == string_or_null(special[role]));
       } else {
         CHECK_FALSE(read.has_value());
       }
@@ -62,6 +68,14 @@ TEST_CASE("reads what transformers reads from each tokenizer_config.json fixture
     CHECK(config.model_max_length == (want["model_max_length"].is_null()
                                           ? std::nullopt
                                           : std::optional(want["model_max_length"].get<std::size_t>())));
+
+    // transformers' all_special_tokens, recorded where the file names BOS, EOS,
+    // UNK and PAD (elsewhere the class defaults, which are not in the file, fill in).
+    if (!want["all_special_tokens"].is_null()) {
+      std::vector<std::string> contents;
+      for (const qlora::AddedToken& token : config.special_tokens()) contents.push_back(token.content);
+      CHECK(contents == want["all_special_tokens"].get<std::vector<std::string>>());
+    }
 
     const Json& tokens = want["added_tokens"];
     REQUIRE(config.added_tokens.size() == tokens.size());
@@ -97,8 +111,8 @@ TEST_CASE("model_max_length: transformers' 1e30 sentinel and anything beyond siz
 TEST_CASE("special tokens: strings, AddedToken objects or null") {
   const TokenizerConfig config =
       parse(R"({"bos_token": "<s>", "eos_token": {"content": "</s>", "special": true}, "pad_token": null})");
-  CHECK(config.bos_token == "<s>");
-  CHECK(config.eos_token == "</s>");
+  CHECK(content_of(config.bos_token) == "<s>");
+  CHECK(content_of(config.eos_token) == "</s>");
   CHECK_FALSE(config.pad_token);
   CHECK_FALSE(config.unk_token);
   require_error([] { parse(R"({"bos_token": 1})"); }, "InvalidTokenizerConfig", "cfg.json", "\"bos_token\"");
@@ -106,6 +120,44 @@ TEST_CASE("special tokens: strings, AddedToken objects or null") {
                 "\"content\"");
   require_error([] { parse(R"({"unk_token": {"__type": "Other", "content": "x"}})"); }, "InvalidTokenizerConfig",
                 "\"unk_token.__type\"");
+}
+
+TEST_CASE("special tokens: every attribute and additional_special_tokens, as transformers registers them") {
+  const TokenizerConfig config = parse(R"({
+      "additional_special_tokens": ["<|tool|>", {"content": "<|obj|>", "lstrip": true}, "<s>",
+                                    {"__type": "AddedToken", "content": "<n>", "special": true}],
+      "mask_token": "<mask>", "cls_token": null, "sep_token": {"content": "<sep>", "normalized": false},
+      "bos_token": "<s>"})");
+  REQUIRE(config.additional_special_tokens.size() == 4);
+  // A string: special, not normalized (AddedToken(content, special=True)).
+  CHECK(config.additional_special_tokens[0].content == "<|tool|>");
+  CHECK(config.additional_special_tokens[0].special);
+  CHECK_FALSE(config.additional_special_tokens[0].normalized);
+  // An object keeps its flags and is made special; "normalized" took its
+  // default from the object's own "special" before (tokenizers' AddedToken).
+  CHECK(config.additional_special_tokens[1].special);
+  CHECK(config.additional_special_tokens[1].lstrip);
+  CHECK(config.additional_special_tokens[1].normalized);
+  CHECK_FALSE(config.additional_special_tokens[3].normalized);
+  CHECK(content_of(config.mask_token) == "<mask>");
+  CHECK_FALSE(config.cls_token.has_value());
+  CHECK_FALSE(config.sep_token->normalized);
+  // bos, eos, unk, sep, pad, cls, mask, then the additional ones; each content once.
+  std::vector<std::string> order;
+  for (const qlora::AddedToken& token : config.special_tokens()) order.push_back(token.content);
+  CHECK(order == std::vector<std::string>{"<s>", "<sep>", "<mask>", "<|tool|>", "<|obj|>", "<n>"});
+  CHECK(config.is_special_token("<|obj|>"));
+  CHECK_FALSE(config.is_special_token("<|ob"));
+
+  CHECK(parse(R"({"additional_special_tokens": null})").additional_special_tokens.empty());
+  require_error([] { parse(R"({"additional_special_tokens": "<a>"})"); }, "InvalidTokenizerConfig", "cfg.json",
+                "\"additional_special_tokens\"", "list");
+  require_error([] { parse(R"({"additional_special_tokens": ["<a>", 7]})"); }, "InvalidTokenizerConfig",
+                "\"additional_special_tokens[1]\"", "token string");
+  require_error([] { parse(R"({"additional_special_tokens": [{"content": "<a>", "weight": 1}]})"); },
+                "InvalidTokenizerConfig", "\"additional_special_tokens[0]\"", "\"weight\"");
+  require_error([] { parse(R"({"mask_token": {"content": ""}})"); }, "InvalidTokenizerConfig", "\"mask_token\"",
+                "non-empty");
 }
 
 TEST_CASE("flags and the class name: null flags read as false, as transformers passes None") {

@@ -6,7 +6,8 @@
 // and a custom template with {{ }} escapes and no SEP, on the whitespace edge
 // cases (CRLF, leading/trailing spaces, {input}-looking braces, an empty
 // answer, an empty system prompt, loss = false) and XTuner's lenient role order.
-// Then the template-string checks (InvalidTemplate) and the system-prompt rule.
+// Then the counts of messages the lenient order dropped and joined, the
+// template-string checks (InvalidTemplate) and the system-prompt rule.
 #include <qlora/data/turn_template.hpp>
 
 #include <string>
@@ -85,6 +86,18 @@ TEST_CASE("the lenient conversations are errors under the default strict order")
   }
 }
 
+TEST_CASE("the segments carry what RoleOrder::xtuner dropped and joined") {
+  TemplateSegments segments;
+  // "lenient": the leading answer and the trailing question dropped, "b" and "c" joined to "a ".
+  InternLM2Chat(RoleOrder::xtuner).render(qlora::test::fixture_conversation("lenient"), segments);
+  CHECK(segments.dropped_messages() == 2);
+  CHECK(segments.joined_messages() == 2);
+  // Each render starts the counts afresh.
+  InternLM2Chat(RoleOrder::xtuner).render(qlora::test::fixture_conversation("canonical"), segments);
+  CHECK(segments.dropped_messages() == 0);
+  CHECK(segments.joined_messages() == 0);
+}
+
 TEST_CASE("template strings are checked as Python's str.format would read them") {
   const auto instruction_error = [](const std::string& instruction, const char* part1, const char* part2) {
     require_error([&] { TurnTemplate(config_with("{system}", instruction)); }, "InvalidTemplate", part1, part2);
@@ -116,7 +129,7 @@ TEST_CASE("a template without SYSTEM refuses a system prompt rather than drop it
   Conversation c{
       {Message{Role::system, "be brief", true}, Message{Role::user, "Q", true}, Message{Role::assistant, "A", true}},
       7};
-  require_error([&] { no_system.render(c, segments); }, "WrongRoleOrder",
+  require_error([&] { no_system.render(c, segments); }, "TemplateHasNoSystem",
                 "messages[0] is a system prompt, but this template has no SYSTEM string");
   // An empty system message asks for nothing (XTuner skips empty systems too).
   c.messages[0].content.clear();

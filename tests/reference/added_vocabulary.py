@@ -1,12 +1,14 @@
 """How Hugging Face tokenizers splits added tokens out of text, for tests/data/added_vocabulary_test.cpp.
 
-Re-create the fixture with:
+Re-create the fixtures with:
 
     .venv/bin/python tests/reference/added_vocabulary.py
 
 It writes tests/data/data/added_vocabulary/splits.json: for each case, the added tokens (content, id,
 flags) and, for each text, the pieces tokenizers' AddedVocabulary cuts it into: {"text": ...} for a run
-of plain text, {"id": ...} for an added token.
+of plain text, {"id": ...} for an added token. And many_tokens.json, in the same form (without
+indentation): one case with about a thousand tokens, most sharing long prefixes as Llama-3's
+<|reserved_special_token_N|> do, for the matcher's search among many candidates.
 
 How the pieces are observed: the tokenizer has a WordLevel model whose only entry is [UNK], no
 normalizer and no pre-tokenizer, so every plain piece that AddedVocabulary leaves reaches the model
@@ -15,15 +17,19 @@ whole and comes back as one [UNK] token whose offsets span it; added tokens come
 its id, since that white space reaches the model as nothing.)
 
 Cases: the flags (lstrip, rstrip, single_word, with the Unicode meaning of \\w and \\s that tokenizers'
-Rust regex gives them), leftmost-longest matching among overlapping tokens, and the two passes
+Rust regex gives them), leftmost-longest matching among overlapping tokens, the two passes
 (normalized=false tokens first on the raw text, then normalized=true tokens in each remaining piece,
-where single_word and lstrip see only that piece).
+where single_word and lstrip see only that piece), and tokens that overlap the white space an
+lstrip/rstrip match swallowed (tokenizers resumes the search at the end of the token itself, so a
+token may start inside that white space, and plain text after a token that ends inside it repeats
+the rest of it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -34,6 +40,7 @@ import tokenizers  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, models  # noqa: E402
 
 OUT = os.path.join(DATA_DIR, "data", "added_vocabulary", "splits.json")
+MANY_OUT = os.path.join(DATA_DIR, "data", "added_vocabulary", "many_tokens.json")
 
 
 def token(content: str, *, special=False, normalized=None, lstrip=False, rstrip=False, single_word=False):
@@ -100,7 +107,64 @@ CASES = {
             "glued<|im_start|>special<|im_end|>tokens",
         ],
     ),
+    # Matches that overlap the white space an rstrip (or lstrip) match swallowed.
+    "strip_overlap": (
+        [
+            token("<a>", normalized=False, rstrip=True),
+            token(" <b>", normalized=False),
+            token("  ", normalized=False),
+            token("<c>", normalized=False, lstrip=True),
+            token("<d>", normalized=False, lstrip=True, rstrip=True),
+            token(" <n>"),
+            token("\t<e>", normalized=False, rstrip=True),
+        ],
+        [
+            "<a> <b>x",
+            "<a>   x",
+            "<a>    <b>y",
+            "<a> \t<c>z",
+            "<a>\u3000 <b> <c>",
+            "x <d>  <d>   <d>y",
+            "<d> <b><d>",
+            "<a> <n> <a>  <n>",
+            "<a>\t\t<e>  <b>w",
+            " <b> <b>  <c>",
+        ],
+    ),
 }
+
+
+def many_tokens_case() -> tuple[list, list]:
+    """About a thousand tokens with shared prefixes and mixed flags, and texts built from them."""
+    contents = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    contents += [f"<|reserved_special_token_{i}|>" for i in range(990)]
+    # Prefixes of the long ones, so that the longest match must be chosen among many.
+    contents += ["<|reserved_special_token_1", "<|reserved_special_token_", "<|r", "<|", "<", "|>", "_", "\u00e9t\u00e9"]
+    tokens = []
+    for index, content in enumerate(contents):
+        normalized = index % 7 == 3  # some in the second pass
+        tokens.append(token(content, special=not normalized, normalized=normalized, lstrip=index % 11 == 5,
+                            rstrip=index % 13 == 6))
+    rng = random.Random(20240607)
+    fragments = contents + ["x", " ", "  ", "\n", "<|reserved_special_token_", "_token_9", "|", "<|res", "\u00e9"]
+    texts = ["<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+             "<|reserved_special_token_1|><|reserved_special_token_10|><|reserved_special_token_100|>",
+             "<|reserved_special_token_1<|reserved_special_token_999|><|reserved_special_token_989|>",
+             "<<|<|r<|re <|reserved_special_token_|>_|>"]
+    for _ in range(24):
+        texts.append("".join(rng.choice(fragments) for _ in range(rng.randint(3, 12))))
+    return tokens, texts
+
+
+def split_case(name: str, added: list, texts: list) -> dict:
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.add_tokens(added)
+    decoder = tokenizer.get_added_tokens_decoder()
+    tokens = [{"id": i, "content": t.content, "special": t.special, "normalized": t.normalized,
+               "lstrip": t.lstrip, "rstrip": t.rstrip, "single_word": t.single_word}
+              for i, t in sorted(decoder.items())]
+    return {"name": name, "tokens": tokens,
+            "texts": [{"text": text, "pieces": pieces(tokenizer, text, 0)} for text in texts]}
 
 
 def pieces(tokenizer: Tokenizer, text: str, unk_id: int) -> list:
@@ -112,21 +176,15 @@ def pieces(tokenizer: Tokenizer, text: str, unk_id: int) -> list:
 
 
 def main() -> None:
-    cases = []
-    for name, (added, texts) in CASES.items():
-        tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
-        tokenizer.add_tokens(added)
-        decoder = tokenizer.get_added_tokens_decoder()
-        tokens = [{"id": i, "content": t.content, "special": t.special, "normalized": t.normalized,
-                   "lstrip": t.lstrip, "rstrip": t.rstrip, "single_word": t.single_word}
-                  for i, t in sorted(decoder.items())]
-        cases.append({"name": name, "tokens": tokens,
-                      "texts": [{"text": text, "pieces": pieces(tokenizer, text, 0)} for text in texts]})
-    fixture = {"versions": {**versions(), "tokenizers": tokenizers.__version__}, "cases": cases}
+    file_versions = {**versions(), "tokenizers": tokenizers.__version__}
+    cases = [split_case(name, added, texts) for name, (added, texts) in CASES.items()]
+    many = split_case("many_tokens", *many_tokens_case())
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w", encoding="utf-8") as f:
-        f.write(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {os.path.relpath(OUT, DATA_DIR)} ({os.path.getsize(OUT)} bytes)")
+    for path, fixture, indent in ((OUT, {"versions": file_versions, "cases": cases}, 1),
+                                  (MANY_OUT, {"versions": file_versions, "cases": [many]}, None)):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(fixture, indent=indent, ensure_ascii=False) + "\n")
+        print(f"wrote {os.path.relpath(path, DATA_DIR)} ({os.path.getsize(path)} bytes)")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ that alters the trained tokenizer). It writes, under tests/data/data/bpe/:
       a byte-level BPE with unk_token "<unk>" trained on the ASCII texts of TRAINING_TEXT without the
       full byte alphabet, so that every byte >= 0x80 has no token and becomes <unk>.
   encodings.json
-      for every HOSTILE entry, then the EXTRA_TEXTS below: its bytes; for entries that are not
-      UTF-8, the offset where Python's strict decoder stops; for the others
+      for every HOSTILE entry, then the EXTRA_TEXTS and PROBE_TEXTS below: its bytes; for entries that
+      are not UTF-8, the offset where Python's strict decoder stops; for the others
         (a) ``tokenizers``: tokenizers.Tokenizer.from_file(phi2_like/tokenizer.json):
             encode(text, add_special_tokens=False).ids and decode(ids) with skip_special_tokens
             false and true;
@@ -42,23 +42,27 @@ that alters the trained tokenizer). It writes, under tests/data/data/bpe/:
             variant's pre_tokenizer JSON is stored with it): a Llama-3-style Sequence of a Split regex
             and ByteLevel(use_regex false), ByteLevel with add_prefix_space true, and a Split on a
             literal string (". ") before ByteLevel; ``ignore_merges``: the ids with the model's
-            ignore_merges set to true (as Llama-3's file has it);
-        (d) ``unk``: the ids of ascii_unk.json, with fuse_unk false and true.
+            ignore_merges set to true (as Llama-3's file has it) and the merge that makes "Ġthe"
+            removed (named in ``ignore_merges_edit``): every token of a trained vocabulary is what
+            merging its own spelling gives, so without that edit the setting changes no id;
+        (d) ``unk``: the ids of ascii_unk.json, with fuse_unk false and true;
+        (e) ``slow_ids``: the ids of the slow tokenizer (below) after the same run-time additions.
       ``runtime``: the ids transformers gives the run-time tokens, their flags, what add_tokens /
-      add_special_tokens returned, len(tokenizer) before and after, and the special ids.
+      add_special_tokens returned, len(tokenizer) before and after, and the special ids; ``readd``:
+      what add_tokens then returns for tokens that are an added token already with the same flags,
+      a model token, and "", and the flags of the model token after it.
       ``long_text``: a longer generated text (long pre-tokens included) and its ids from (a).
       ``lossy_decode``: byte sequences that are not UTF-8 (cut characters, surrogates, overlong forms),
       as the ids of their one-byte tokens, and what tokenizers' decode makes of them
       (from_utf8_lossy: one U+FFFD per maximal invalid subsequence).
-      ``config_variant``: tokenizer_config.json with two more tokens than tokenizer.json (an
-      added_tokens_decoder entry "<extra>" and a pad_token "<|pad|>" that nothing defines), and what
-      AutoTokenizer makes of it: the ids and flags of the two, len(tokenizer), the special ids and
-      the ids of a text using them.
+      ``config_variant``: tokenizer_config.json with tokens that tokenizer.json lacks (an
+      added_tokens_decoder entry "<extra>", a pad_token "<|pad|>", a mask_token "<mask>" and
+      additional_special_tokens: strings, an AddedToken object with its own flags, "<extra>" again,
+      which makes it special, and tokens already there), and what AutoTokenizer makes of it: the ids
+      and flags of the new tokens, len(tokenizer), the special ids and the ids of a text using them.
       ``slow_tokenizer``: the tutorial loads with use_fast=False. That path exists in this
       transformers (CodeGenTokenizer, Python BPE over vocab.json + merges.txt, which this script
-      writes to a temporary folder). Its ids are compared with (b) after the same additions: the
-      entries where they differ are listed (none with transformers 4.48.0 and tokenizers 0.21.4,
-      the versions in this venv and recorded in the fixture). Its decode does differ:
+      writes to a temporary folder); its ids are (e) above. Its decode does differ:
       spaces_between_special_tokens puts spaces around added tokens, and skip_special_tokens drops
       every token in all_special_ids (so also "<PAD>", which is not flagged special); qlora decodes as
       the tokenizers backend does.
@@ -120,6 +124,18 @@ EXTRA_TEXTS = [
     "\u200b zero width\u200b \x1c\x1d\x1e\x1f seps \x1c x",
     "\u01c5 titlecase \u02b0modifier \u216b roman \u00b2\u00b3 \u0663\u0664 it\u2019s",
 ]
+
+# Texts that are encoded but not trained on (so that adding one changes no token of the model): ". "
+# for the literal_split variant, " the" for ignore_merges, the run-time and config tokens.
+PROBE_TEXTS = [
+    "Hello. World. ",
+    "a. b.. c . d.\n. e",
+    "the other. There, the end. the",
+    "<|im_start|>user. the<|im_end|><PAD>",
+]
+
+# The merge removed for the ignore_merges variant (see the docstring).
+IGNORE_MERGES_REMOVED = "\u0120the"
 
 
 def whitespace_runs() -> list[AddedToken]:
@@ -210,6 +226,17 @@ def with_model_settings(document: dict, **settings) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(changed))
 
 
+def ignore_merges_variant(document: dict) -> tuple[Tokenizer, list]:
+    """ignore_merges with the merge that makes IGNORE_MERGES_REMOVED removed; returns it and that merge."""
+    changed = copy.deepcopy(document)
+    merges = changed["model"]["merges"]
+    removed = [m for m in merges if m[0] + m[1] == IGNORE_MERGES_REMOVED]
+    assert len(removed) == 1, removed
+    merges.remove(removed[0])
+    changed["model"]["ignore_merges"] = True
+    return Tokenizer.from_str(json.dumps(changed)), removed[0]
+
+
 def variant_tokenizers(document: dict) -> dict:
     variants = {}
     for name, pre_tokenizer in VARIANTS.items():
@@ -251,6 +278,16 @@ def config_variant(document: dict) -> dict:
     config["added_tokens_decoder"][str(next_id)] = {"content": "<extra>", "single_word": False, "lstrip": False,
                                                    "rstrip": False, "normalized": True, "special": False}
     config["pad_token"] = "<|pad|>"
+    config["mask_token"] = "<mask>"
+    config["additional_special_tokens"] = [
+        "<|tool|>",
+        {"__type": "AddedToken", "content": "<|obj|>", "lstrip": True, "rstrip": False, "single_word": False,
+         "normalized": True},
+        "<extra>",
+        "<|endoftext|>",
+        "<|tool|>",
+        "<mask>",
+    ]
     folder = tempfile.mkdtemp(prefix="bpe_config_")
     with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(document, f)
@@ -258,11 +295,12 @@ def config_variant(document: dict) -> dict:
         json.dump(config, f)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokens = {}
-    for content in ("<extra>", "<|pad|>"):
+    for content in ("<extra>", "<|pad|>", "<mask>", "<|tool|>", "<|obj|>"):
         token_id = tokenizer.convert_tokens_to_ids(content)
         flags = tokenizer.added_tokens_decoder[token_id]
-        tokens[content] = {"id": token_id, "special": flags.special, "normalized": flags.normalized}
-    text = "a<extra>b <|pad|>c<|endoftext|>"
+        tokens[content] = {"id": token_id, "special": flags.special, "normalized": flags.normalized,
+                           "lstrip": flags.lstrip, "rstrip": flags.rstrip, "single_word": flags.single_word}
+    text = "a<extra>b <|pad|>c<|endoftext|><|tool|>x <|obj|>y<mask>"
     return {"config": config, "size": len(tokenizer), "tokens": tokens,
             "special_ids": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
                             "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id},
@@ -289,15 +327,15 @@ def main() -> None:
     assert type(pretrained).__name__ == "CodeGenTokenizerFast", type(pretrained)
     runtime = tutorial_additions(pretrained)
     variants = variant_tokenizers(document)
-    ignore_merges = with_model_settings(document, ignore_merges=True)
+    ignore_merges, removed_merge = ignore_merges_variant(document)
     unk_document = ascii_unk_model()
     write_json(os.path.join(OUT_DIR, "ascii_unk.json"), unk_document, indent=None)
     unk_models = {f"fuse_unk_{str(fuse).lower()}": with_model_settings(unk_document, fuse_unk=fuse)
                   for fuse in (False, True)}
     slow = slow_tokenizer(document)
 
-    entries, other_slow_ids, other_slow_decode = [], [], []
-    for index, raw in enumerate(HOSTILE + [text.encode() for text in EXTRA_TEXTS]):
+    entries, other_slow_decode = [], []
+    for index, raw in enumerate(HOSTILE + [text.encode() for text in EXTRA_TEXTS + PROBE_TEXTS]):
         entry = {"bytes": list(raw)}
         try:
             text = raw.decode("utf-8")
@@ -321,21 +359,26 @@ def main() -> None:
         entry["variants"] = {name: v.encode(text, add_special_tokens=False).ids for name, v in variants.items()}
         entry["ignore_merges"] = ignore_merges.encode(text, add_special_tokens=False).ids
         entry["unk"] = {name: m.encode(text, add_special_tokens=False).ids for name, m in unk_models.items()}
-        if slow.encode(text, add_special_tokens=False) != ids:
-            other_slow_ids.append(index)
+        entry["slow_ids"] = slow.encode(text, add_special_tokens=False)
         if slow.decode(ids) != pretrained.decode(ids):
             other_slow_decode.append(index)
         entries.append(entry)
 
     text = long_text()
+    readd_tokens = ["<|im_start|>", "st", ""]
+    readd = {"tokens": readd_tokens, "returned": pretrained.add_tokens(readd_tokens), "size_after": len(pretrained)}
+    st = pretrained.convert_tokens_to_ids("st")
+    readd["st"] = {"id": st, "special": pretrained.added_tokens_decoder[st].special,
+                   "normalized": pretrained.added_tokens_decoder[st].normalized}
+    runtime["readd"] = readd
     fixture = {
         "versions": {**versions(), "tokenizers": tokenizers.__version__},
         "model_size": reference.get_vocab_size(with_added_tokens=False),
         "size_with_added_tokens": reference.get_vocab_size(with_added_tokens=True),
         "runtime": runtime,
         "variants": VARIANTS,
-        "slow_tokenizer": {"class": type(slow).__name__, "entries_with_other_ids": other_slow_ids,
-                           "entries_with_other_decode": other_slow_decode},
+        "ignore_merges_edit": {"removed_merge": removed_merge},
+        "slow_tokenizer": {"class": type(slow).__name__, "entries_with_other_decode": other_slow_decode},
         "entries": entries,
         "long_text": {"text": text, "ids": reference.encode(text, add_special_tokens=False).ids},
         "lossy_decode": lossy_decode(reference),

@@ -17,7 +17,14 @@ Where the truth comes from:
   the "append EOS" variant sets ``need_eos_token`` back to True, which is what
   XTuner before v0.1.20 produced.
 * Phi2ChatML: the Phi-2 tutorial's ``templates`` and ``tokenize`` (reproduced
-  below, see ``tutorial_tokenize``: the tutorial is a notebook, not a package).
+  below, see ``tutorial_tokenize``: the tutorial is a notebook, not a package),
+  on the strict conversations and, with role_order "tutorial"
+  (Phi2ChatML::keep_trailing_question), on conversations that end with an
+  unanswered question, which the tutorial's tokenize keeps, masked. Where a
+  conversation is what the tutorial's data is (user/assistant alternating, no
+  system message, every answer learned), the script also asserts that the
+  role-tagged ``tutorial_tokenize`` gives exactly what the tutorial's own code,
+  unchanged (``original_tutorial_tokenize``), gives on the bare strings.
 
 The segments (the text pieces the encoder tokenizes separately) are the strings
 those functions produce; their order and flags follow encode_fn, and the script
@@ -168,6 +175,25 @@ LENIENT_CONVERSATIONS = {
     ],
 }
 
+# Conversations that end with an unanswered question: the tutorial's tokenize
+# takes any number of messages (even ones are the user's), so it keeps a
+# trailing question, masked; Phi2ChatML does so with keep_trailing_question.
+# (lenient_unanswered, a system prompt and one question, is used too: it keeps
+# nothing learned, so the filter drops it.)
+TRAILING_QUESTION_CONVERSATIONS = {
+    "trailing_question": [
+        message("user", "Q1 {msg}"),
+        message("assistant", " A1\n"),
+        message("user", "Q2, never answered "),
+    ],
+    "trailing_system_question": [
+        message("user", "Q1"),
+        message("assistant", "A1"),
+        message("system", "S2"),
+        message("user", "Q2"),
+    ],
+}
+
 PRETRAIN_DOCUMENTS = {
     "spaces": "  \r\n Hello world.\t\n ",
     "unicode_spaces": "\u3000\u00a0 unicode\u2003spaces \u2028\u0085\x1c",
@@ -296,6 +322,34 @@ templates = {
 }
 
 
+def original_tutorial_tokenize(input, max_length, tokenizer):
+    """The tutorial's tokenize, unchanged but for the tokenizer argument (the
+    tutorial's is a global): messages are bare strings, even ones the user's."""
+    templates = [
+        "<|im_start|>assistant\n{msg}<|im_end|>",  # message by assistant
+        "<|im_start|>user\n{msg}<|im_end|>",  # message by user
+    ]
+    input_ids, attention_mask, labels = [], [], []
+    for i, msg in enumerate(input["messages"]):
+        isHuman = i % 2 == 0
+        msg_chatml = templates[isHuman].format(msg=msg)
+        msg_tokenized = tokenizer(msg_chatml, truncation=False, add_special_tokens=False)
+        input_ids += msg_tokenized["input_ids"]
+        attention_mask += msg_tokenized["attention_mask"]
+        labels += [IGNORE_INDEX_TUTORIAL] * len(msg_tokenized["input_ids"]) if isHuman else msg_tokenized["input_ids"]
+    return {
+        "input_ids": input_ids[:max_length],
+        "attention_mask": attention_mask[:max_length],
+        "labels": labels[:max_length],
+    }
+
+
+def is_tutorial_data(messages):
+    """Whether `messages` could be a record of the tutorial's dataset: user and
+    assistant alternating from the user, every answer learned."""
+    return all(m["role"] == ("user" if i % 2 == 0 else "assistant") and m["loss"] for i, m in enumerate(messages))
+
+
 def tutorial_tokenize(input, max_length, tokenizer):
     input_ids, attention_mask, labels = [], [], []
     for i, msg in enumerate(input["messages"]):
@@ -315,26 +369,37 @@ def tutorial_tokenize(input, max_length, tokenizer):
 def phi2_cases():
     cases = []
     tokenizer = ToyTokenizer()
-    for conversation_name, messages in CONVERSATIONS.items():
-        segments = [
-            {
-                "kind": "text",
-                "text": templates[m["role"]].format(msg=m["content"]),
-                "supervised": m["role"] == "assistant" and m["loss"],
-            }
-            for m in messages
-        ]
-        full = tutorial_tokenize({"messages": messages}, 4096, tokenizer)
-        assert encode_segments(segments, tokenizer) == (full["input_ids"], full["labels"]), conversation_name
-        cases.append(
-            {
-                "template": "phi2_chatml",
-                "conversation": conversation_name,
-                "role_order": "strict",
-                "segments": segments,
-                "encodings": encodings(lambda n: tutorial_tokenize({"messages": messages}, n, tokenizer)),
-            }
-        )
+    trailing = {name: LENIENT_CONVERSATIONS[name] for name in ["lenient_unanswered"]}
+    trailing.update(TRAILING_QUESTION_CONVERSATIONS)
+    for role_order, conversations in (("strict", CONVERSATIONS), ("tutorial", trailing)):
+        for conversation_name, messages in conversations.items():
+            segments = [
+                {
+                    "kind": "text",
+                    "text": templates[m["role"]].format(msg=m["content"]),
+                    "supervised": m["role"] == "assistant" and m["loss"],
+                }
+                for m in messages
+            ]
+            full = tutorial_tokenize({"messages": messages}, 4096, tokenizer)
+            assert encode_segments(segments, tokenizer) == (full["input_ids"], full["labels"]), conversation_name
+
+            def encode(n, messages=messages):
+                out = tutorial_tokenize({"messages": messages}, n, tokenizer)
+                if is_tutorial_data(messages):  # the changes (1)-(3) change nothing here
+                    bare = {"messages": [m["content"] for m in messages]}
+                    assert out == original_tutorial_tokenize(bare, n, tokenizer), conversation_name
+                return out
+
+            cases.append(
+                {
+                    "template": "phi2_chatml",
+                    "conversation": conversation_name,
+                    "role_order": role_order,
+                    "segments": segments,
+                    "encodings": encodings(encode),
+                }
+            )
     return cases
 
 
@@ -366,7 +431,7 @@ def template_strings():
 
 
 def main():
-    all_conversations = {**CONVERSATIONS, **LENIENT_CONVERSATIONS}
+    all_conversations = {**CONVERSATIONS, **LENIENT_CONVERSATIONS, **TRAILING_QUESTION_CONVERSATIONS}
     fixture = {
         "generator": "tests/reference/chat_templates.py",
         "versions": {**versions(), "xtuner": xtuner.__version__},

@@ -15,6 +15,12 @@ It writes, under tests/data/data/pipeline/:
       tokenized alone, truncated to MAX_LENGTH) and `collate` (pad to the longest with the pad
       id, labels -100, attention 0) over batches of BATCH_SIZE. `tokenize` and `collate` are
       re-typed from the tutorial with the same semantics (its code is not importable).
+  riddles_trailing.jsonl, riddles_trailing_batches.json
+      The same pipeline on riddles that end with an unanswered question, which the tutorial's
+      `tokenize` keeps, masked (Phi2ChatML::keep_trailing_question). One record is a lone
+      question: the tutorial keeps it as a sample with nothing to learn; SampleEncoder drops
+      such samples (XTuner's filter), so the script drops it too before collating and records
+      how many it dropped ("dropped_no_supervised").
   conversations.jsonl, xtuner_packed.json
       XTuner's pipeline (xtuner 0.2.0, its real functions) on an OpenAI-format file:
       openai_map_fn, template_map_fn(internlm2_chat), encode_fn(max_length=PACK_LENGTH) with
@@ -62,6 +68,14 @@ RIDDLES = [
     ["def f(x):\n    return x ** 2", "It squares x; f(3) == 9."],
 ]
 
+RIDDLES_TRAILING = [
+    ["What has a neck but no head?", "A bottle.", "And what has a head but no neck?"],
+    ["A lone riddle that nobody answered?"],
+    ["What runs but never walks?", "A river.", "What has hands but cannot clap?", "A clock."],
+    ["Short question", "Short answer", "Follow-up", "Second answer", "  Trailing follow-up?\n"],
+    ["What gets wetter the more it dries?", "A towel."],
+]
+
 CONVERSATIONS = [
     {"messages": [{"role": "system", "content": "You are a helpful assistant."},
                   {"role": "user", "content": "Who are you?"},
@@ -96,7 +110,7 @@ def write_json(path, document):
         f.write("\n")
 
 
-def tutorial_pipeline(data_path):
+def tutorial_pipeline(data_path, drop_unsupervised=False):
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(DATA_DIR, "data", "bpe", "phi2_like"))
     tokenizer.add_tokens(["<|im_start|>", "<PAD>"])
     tokenizer.pad_token = "<PAD>"
@@ -125,9 +139,13 @@ def tutorial_pipeline(data_path):
 
     dataset = datasets.load_dataset("json", data_files=data_path, split="train")
     tokenized = [tokenize(sample, MAX_LENGTH) for sample in dataset]
-    batches = [collate(tokenized[i:i + BATCH_SIZE]) for i in range(0, len(tokenized), BATCH_SIZE)]
-    return {"max_length": MAX_LENGTH, "batch_size": BATCH_SIZE, "pad_id": tokenizer.pad_token_id,
-            "eos_id": tokenizer.eos_token_id, "batches": batches}
+    kept = [t for t in tokenized if not drop_unsupervised or any(label >= 0 for label in t["labels"])]
+    batches = [collate(kept[i:i + BATCH_SIZE]) for i in range(0, len(kept), BATCH_SIZE)]
+    result = {"max_length": MAX_LENGTH, "batch_size": BATCH_SIZE, "pad_id": tokenizer.pad_token_id,
+              "eos_id": tokenizer.eos_token_id, "batches": batches}
+    if drop_unsupervised:
+        result["dropped_no_supervised"] = len(tokenized) - len(kept)
+    return result
 
 
 def xtuner_pipeline(data_path):
@@ -155,11 +173,15 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     riddles_path = os.path.join(OUT, "riddles.jsonl")
     write_jsonl(riddles_path, [{"number": n, "messages": m} for n, m in enumerate(RIDDLES)])
+    trailing_path = os.path.join(OUT, "riddles_trailing.jsonl")
+    write_jsonl(trailing_path, [{"number": n, "messages": m} for n, m in enumerate(RIDDLES_TRAILING)])
     conversations_path = os.path.join(OUT, "conversations.jsonl")
     write_jsonl(conversations_path, CONVERSATIONS)
     meta = {**versions(), "tokenizers": tokenizers.__version__, "datasets": datasets.__version__,
             "xtuner": xtuner.__version__, "script": "tests/reference/data_pipeline.py"}
     write_json(os.path.join(OUT, "riddles_batches.json"), {"meta": meta, **tutorial_pipeline(riddles_path)})
+    write_json(os.path.join(OUT, "riddles_trailing_batches.json"),
+               {"meta": meta, **tutorial_pipeline(trailing_path, drop_unsupervised=True)})
     write_json(os.path.join(OUT, "xtuner_packed.json"), {"meta": meta, **xtuner_pipeline(conversations_path)})
 
 

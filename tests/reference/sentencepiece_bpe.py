@@ -31,13 +31,19 @@ tests/data/data/sentencepiece/:
           (c) ``bare``: the same class built from tokenizer.model alone (no config): its ids;
         then EXTRA_TEXTS in the same form, and ``decode_cases``: id sequences no text encodes to
         (bytes that are not UTF-8, byte runs cut by an added token, renamed ids) with their plain
-        decodes.
+        decodes. ``config_variant``: the stand-in's tokenizer_config.json with special tokens the
+        model and its added_tokens_decoder lack (a sep_token, a mask_token, more
+        additional_special_tokens, one of them an added_tokens_decoder entry that is not special),
+        and what the pretrained tokenizer makes of it: len(tokenizer), the new tokens' ids, the
+        special ids, and the ids and plain decodes of texts that use them.
   runtime.json
       add_tokens / set_special_token at run time, on the ``pretrained`` tokenizer: the ids
       transformers gives the new tokens and the encodings of texts that use them.
   tests/data/data/tokenizer_config/*.json and tokenizer_config/expected.json
       tokenizer_config.json variants and what transformers reads from each (special token names,
-      added_tokens_decoder with flags, add_bos/eos_token, tokenizer_class, model_max_length).
+      added_tokens_decoder with flags, add_bos/eos_token, tokenizer_class, model_max_length, and
+      all_special_tokens where the file names the BOS, EOS, UNK and PAD, so that no class default
+      is among them).
 
 The InternLM2 slow tokenizer: InternLM2's remote code (``tokenization_internlm2.py``) cannot be
 imported here, so ``InternLM2Tokenizer`` below is a minimal ``PreTrainedTokenizer`` subclass
@@ -286,14 +292,14 @@ def internlm2_config(model_size: int) -> dict:
 def plain_decode(tokenizer: InternLM2Tokenizer, ids: list[int], skip_special: bool) -> str:
     """Runs of model ids through sentencepiece's decoder, added tokens by their content (what the
     fast tokenizers and llama.cpp do; the remote code's decode adds a space before special tokens).
-    skip_special drops special added tokens and the BOS/EOS/UNK/PAD ids first, as if they were not
-    there (byte pieces on both sides of a dropped token join up), as transformers' decode does."""
+    skip_special drops transformers' all_special_ids first (the special added tokens, the
+    BOS/EOS/UNK/PAD ids, and added tokens listed as special tokens whatever their flag), as if they
+    were not there (byte pieces on both sides of a dropped token join up), as transformers' decode
+    does."""
     added = tokenizer.added_tokens_decoder
     if skip_special:
-        special = {i for i, token in added.items() if token.special} | {
-            i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id)
-            if i is not None}
-        assert special == set(tokenizer.all_special_ids), "the rule must be transformers' all_special_ids"
+        special = set(tokenizer.all_special_ids)
+        assert {i for i, token in added.items() if token.special} <= special
         ids = [i for i in ids if i not in special]
     pieces, run = [], []
     for token_id in ids:
@@ -392,6 +398,33 @@ def runtime_changes(model_dir: str) -> dict:
     }
 
 
+def config_variant(model_dir: str) -> dict:
+    """The stand-in's config with special tokens the model and its added_tokens_decoder lack."""
+    with open(os.path.join(model_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config["sep_token"] = "<sep>"
+    config["mask_token"] = "<|im_end|>"  # an added token already
+    config["additional_special_tokens"] = config["additional_special_tokens"] + [
+        "<|tool|>", EXTRA_CONFIG_TOKEN, "<sep>", "Hello", "<|tool|>"]
+    with tempfile.TemporaryDirectory() as scratch:
+        shutil.copy(os.path.join(model_dir, "tokenizer.model"), scratch)
+        with open(os.path.join(scratch, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        tokenizer = InternLM2Tokenizer.from_pretrained(scratch)
+    texts = ["a<|tool|>b<sep> <|endoftext|>Hello world", "<s>Hello<|im_end|>"]
+    return {
+        "config": config,
+        "size": len(tokenizer),
+        "ids": {token: tokenizer.convert_tokens_to_ids(token) for token in ("<sep>", "<|tool|>", "Hello")},
+        "special_ids": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+                        "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id},
+        "encodings": [{"text": text, "ids": tokenizer.encode(text, add_special_tokens=False),
+                       "decode_skip_special": plain_decode(tokenizer, tokenizer.encode(text, add_special_tokens=False),
+                                                           skip_special=True)}
+                      for text in texts],
+    }
+
+
 CONFIG_VARIANTS = {
     # Legacy special-token dicts with "__type", a missing "normalized" (defaults to !special),
     # a plain integer length, added_tokens_decoder keys out of numeric order, lstrip/rstrip/single_word.
@@ -416,6 +449,27 @@ CONFIG_VARIANTS = {
     # The minimum: no special tokens at all (the class defaults apply), a float length sentinel.
     "minimal.json": {
         "model_max_length": 1e30,
+    },
+    # Every special-token attribute, in another order than transformers registers them, and
+    # additional_special_tokens with an AddedToken object, repeats and an added_tokens_decoder entry.
+    "special_tokens.json": {
+        "additional_special_tokens": [
+            "<|tool|>",
+            {"__type": "AddedToken", "content": "<|obj|>", "lstrip": True, "normalized": False, "rstrip": False,
+             "single_word": False, "special": True},
+            "<s>",
+            "<x>",
+            "<|tool|>",
+        ],
+        "mask_token": "<mask>",
+        "cls_token": "<cls>",
+        "pad_token": "<pad>",
+        "sep_token": {"__type": "AddedToken", "content": "<sep>", "lstrip": False, "normalized": False,
+                      "rstrip": False, "single_word": False, "special": True},
+        "unk_token": "<unk>",
+        "eos_token": "</s>",
+        "bos_token": "<s>",
+        "added_tokens_decoder": {"1506": {"content": "<x>", "special": False}},
     },
 }
 
@@ -446,6 +500,9 @@ def config_expectations(model_dir: str) -> dict:
                               "lstrip": t.lstrip, "rstrip": t.rstrip, "normalized": t.normalized}
                              for i, t in sorted(tokenizer.added_tokens_decoder.items()) if i in in_file],
             "tokenizer_class": config.get("tokenizer_class") or "",
+            "all_special_tokens": (list(tokenizer.all_special_tokens)
+                                   if all(role in config for role in ("bos_token", "eos_token", "unk_token",
+                                                                      "pad_token")) else None),
             "model_max_length": tokenizer.model_max_length if tokenizer.model_max_length < 2**64 else None,
         }
     return expected
@@ -474,6 +531,7 @@ def main() -> None:
                         "pad": pretrained.pad_token_id, "unk": pretrained.unk_token_id},
         "entries": encodings(pretrained, bare, sp),
         "decode_cases": decode_cases(pretrained),
+        "config_variant": config_variant(MODEL_DIR),
     })
     write_json(os.path.join(OUT_DIR, "runtime.json"), {
         "versions": {**versions(), "sentencepiece": spm.__version__},

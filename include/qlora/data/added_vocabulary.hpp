@@ -16,14 +16,18 @@
 //     before or after it in its piece is skipped, and the search goes on after
 //     it, as tokenizers does;
 //   - lstrip / rstrip: the white space (`\s`) before / after a match is part
-//     of the match and reaches the model as nothing.
-// One deliberate difference: after an rstrip match the search resumes after
-// the swallowed white space. tokenizers resumes at the end of the token
-// itself, and a following token that starts with white space would then
-// overlap the previous match and repeat text.
+//     of the match and reaches the model as nothing;
+//   - the search resumes at the end of the token itself, even after an rstrip
+//     match: a token that starts in the white space the previous one
+//     swallowed is still found, and the plain text after it starts at its own
+//     end (so text that rstrip swallowed can reach the model again, when a
+//     later token ends inside it), exactly as tokenizers' find_matches does;
+//     an lstrip match never reaches back before the end of the previous one.
 //
 // Hot path: a text without added tokens costs one scan with a two-byte
-// filter (a bit per possible first two bytes), and matching never allocates.
+// filter (a bit per possible first two bytes), and matching never allocates;
+// where a token may start, a byte trie finds the longest one in as many steps
+// as it has bytes, however many tokens there are.
 #pragma once
 
 #include <algorithm>
@@ -56,28 +60,41 @@ struct StringViewHash {
   std::size_t operator()(std::string_view text) const noexcept { return std::hash<std::string_view>{}(text); }
 };
 
-/// The tokens of one matching pass, indexed for leftmost-longest search.
+/// The tokens of one matching pass, in a byte trie for leftmost-longest
+/// search: the longest token at a position costs one step per byte of it,
+/// however many tokens share its first bytes (Llama-3's 256 reserved tokens
+/// all start "<|reserved_special_token_"). A filter on the first two bytes
+/// rejects most positions before the trie is touched.
 class AddedTokenMatcher {
  public:
-  /// Adds tokens[index] (non-empty content) to the set searched.
+  /// Adds tokens[index] (non-empty content, none other with the same content)
+  /// to the set searched. All or nothing, like AddedVocabulary::add.
   void insert(std::uint32_t index, const std::vector<AddedToken>& tokens) {
     const std::string& content = tokens[index].content;
+    nodes_.reserve(nodes_.size() + content.size());  // the only step that can fail: nothing changed yet
     const auto first = static_cast<unsigned char>(content[0]);
-    std::vector<std::uint32_t>& bucket = candidates_[first];
-    // Longest first, so that the first match in a bucket is the longest.
-    const auto position = std::ranges::find_if(
-        bucket, [&](std::uint32_t other) { return tokens[other].content.size() < content.size(); });
-    bucket.insert(position, index);
+    if (roots_[first] == none) roots_[first] = new_node(first);
+    std::uint32_t node = roots_[first];
+    for (std::size_t i = 1; i < content.size(); ++i) {
+      const auto byte = static_cast<unsigned char>(content[i]);
+      std::uint32_t next = child(node, byte);
+      if (next == none) {
+        next = new_node(byte);
+        nodes_[next].next_sibling = nodes_[node].first_child;
+        nodes_[node].first_child = next;
+      }
+      node = next;
+    }
+    nodes_[node].token = index;
     if (content.size() == 1) {
       single_byte_[first] = true;
     } else {
       const unsigned pair = first << 8 | static_cast<unsigned char>(content[1]);
       pair_filter_[pair / 64] |= std::uint64_t{1} << (pair % 64);
     }
-    empty_ = false;
   }
 
-  [[nodiscard]] bool empty() const noexcept { return empty_; }
+  [[nodiscard]] bool empty() const noexcept { return nodes_.empty(); }
 
   /// The longest token that matches `text` at `pos`, or nullptr.
   [[nodiscard]] const AddedToken* longest_at(std::string_view text, std::size_t pos,
@@ -88,21 +105,52 @@ class AddedTokenMatcher {
       const unsigned pair = first << 8 | static_cast<unsigned char>(text[pos + 1]);
       if ((pair_filter_[pair / 64] >> (pair % 64) & 1u) == 0) return nullptr;
     }
-    const std::string_view rest = text.substr(pos);
-    for (const std::uint32_t index : candidates_[first]) {
-      if (rest.starts_with(tokens[index].content)) return &tokens[index];
+    std::uint32_t longest = none;
+    for (std::uint32_t node = roots_[first]; node != none;) {
+      if (nodes_[node].token != none) longest = nodes_[node].token;
+      if (++pos == text.size()) break;
+      node = child(node, static_cast<unsigned char>(text[pos]));
     }
-    return nullptr;
+    return longest == none ? nullptr : &tokens[longest];
   }
 
  private:
-  /// Indices into the vocabulary's tokens by first byte, longest first.
-  std::array<std::vector<std::uint32_t>, 256> candidates_;
+  static constexpr std::uint32_t none = 0xFFFFFFFFu;
+
+  /// A trie node: the byte that leads to it, its children as a list (most
+  /// nodes have one), and the token that ends here, if any.
+  struct Node {
+    std::uint32_t first_child = none;
+    std::uint32_t next_sibling = none;
+    std::uint32_t token = none;  // index into the vocabulary's tokens
+    unsigned char byte = 0;
+  };
+
+  [[nodiscard]] std::uint32_t child(std::uint32_t node, unsigned char byte) const noexcept {
+    std::uint32_t next = nodes_[node].first_child;
+    while (next != none && nodes_[next].byte != byte) next = nodes_[next].next_sibling;
+    return next;
+  }
+
+  /// Appends a node; insert reserved room, so this does not allocate.
+  std::uint32_t new_node(unsigned char byte) {
+    nodes_.push_back(Node{.byte = byte});
+    return static_cast<std::uint32_t>(nodes_.size() - 1);
+  }
+
+  std::vector<Node> nodes_;
+  /// The node of each first byte, or none.
+  std::array<std::uint32_t, 256> roots_ = filled_with_none();
   /// Bit (b0 << 8 | b1) is set when a token of two bytes or more starts b0 b1.
   std::array<std::uint64_t, 65536 / 64> pair_filter_{};
   /// Whether a one-byte token is this byte.
   std::array<bool, 256> single_byte_{};
-  bool empty_ = true;
+
+  static constexpr std::array<std::uint32_t, 256> filled_with_none() noexcept {
+    std::array<std::uint32_t, 256> roots{};
+    roots.fill(none);
+    return roots;
+  }
 };
 
 }  // namespace detail
@@ -114,7 +162,7 @@ class AddedVocabulary {
   /// negative id, content already registered under another id, or an id
   /// already registered with other content is Error("InvalidAddedToken");
   /// content that is not UTF-8 is Error("InvalidUtf8") (it could match half a
-  /// character of valid text).
+  /// character of valid text). All or nothing: when it throws, nothing changed.
   void add(AddedToken token) {
     check(!token.content.empty(), "InvalidAddedToken", "added token id {}: the content is empty", token.id);
     const std::size_t valid = detail::utf8_valid_prefix(token.content);
@@ -131,11 +179,20 @@ class AddedVocabulary {
       throw Error("InvalidAddedToken", fmt::format("added token id {} already belongs to {:?}; cannot also be {:?}",
                                                    token.id, tokens_[known->second].content, token.content));
     }
+    // Validated: from here only allocation can fail, and it undoes what it did.
     const auto index = static_cast<std::uint32_t>(tokens_.size());
-    index_by_content_.emplace(token.content, index);
-    index_by_id_.emplace(token.id, index);
     tokens_.push_back(std::move(token));
-    (tokens_.back().normalized ? normalized_ : raw_).insert(index, tokens_);
+    const AddedToken& added = tokens_.back();
+    try {
+      index_by_content_.emplace(added.content, index);
+      index_by_id_.emplace(added.id, index);
+      (added.normalized ? normalized_ : raw_).insert(index, tokens_);
+    } catch (...) {
+      index_by_content_.erase(added.content);
+      index_by_id_.erase(added.id);
+      tokens_.pop_back();
+      throw;
+    }
   }
 
   [[nodiscard]] std::optional<TokenId> id_of(std::string_view content) const {
@@ -174,7 +231,7 @@ class AddedVocabulary {
       if (!piece.empty()) on_text(piece);
       return;
     }
-    std::size_t text_start = 0;  // start of the plain text not yet passed on
+    std::size_t text_start = 0;  // where the plain text after the last match starts (tokenizers' start_offset)
     std::size_t pos = 0;
     while (pos < piece.size()) {
       const AddedToken* token = matcher.longest_at(piece, pos, tokens_);
@@ -184,18 +241,18 @@ class AddedVocabulary {
       }
       std::size_t start = pos;
       std::size_t stop = pos + token->content.size();
-      pos = stop;
+      pos = stop;  // the next search starts after the token, whatever rstrip swallows
       if (token->single_word && (detail::ends_with_word_character(piece.substr(0, start)) ||
                                  detail::starts_with_word_character(piece.substr(stop)))) {
         continue;
       }
-      if (token->lstrip) start = detail::trailing_white_space_start(piece.substr(0, start));
+      if (token->lstrip) start = std::max(detail::trailing_white_space_start(piece.substr(0, start)), text_start);
       if (token->rstrip) stop += detail::leading_white_space(piece.substr(stop));
-      // lstrip may reach back before text_start, into white space an earlier
-      // rstrip swallowed: then there is no text between the two.
+      // A token that starts in white space the previous one's rstrip swallowed
+      // has no text before it.
       if (start > text_start) on_text(piece.substr(text_start, start - text_start));
       on_token(*token);
-      text_start = pos = stop;
+      text_start = stop;
     }
     if (text_start < piece.size()) on_text(piece.substr(text_start));
   }

@@ -33,6 +33,8 @@ struct Batch {
 
   [[nodiscard]] bool varlen() const noexcept { return !cu_seqlens.empty(); }
 
+  friend bool operator==(const Batch&, const Batch&) = default;
+
   /// Row `index` of one of the [batch_size, length] arrays above.
   template <class T>
   [[nodiscard]] std::span<const T> row(const std::vector<T>& values, std::size_t index) const {

@@ -169,12 +169,8 @@ struct BinPackResult {
   for (std::size_t index = 0; index < samples.size(); ++index) {
     detail::check_fits(samples[index], index, options.max_length);  // named by input index, before shuffling
   }
-  std::vector<std::size_t> order(samples.size());
-  if (options.shuffle) {
-    order = detail::seeded_permutation(samples.size(), options.seed, detail::pack_shuffle_stream);
-  } else {
-    std::iota(order.begin(), order.end(), std::size_t{0});
-  }
+  const std::vector<std::size_t> order =
+      detail::shuffled_or_identity(samples.size(), options.shuffle, options.seed, detail::pack_shuffle_stream);
   BinPacker packer(options);
   BinPackResult result;
   const auto keep = [&result](std::vector<PackedSequence>&& rows) {

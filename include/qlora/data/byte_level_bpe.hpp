@@ -10,9 +10,11 @@
 //      a cache so that a repeated word costs one lookup.
 // decode = tokenizers' decode: ids to token strings (added tokens first),
 // special ones dropped on request, then ByteLevel's decoder (bytes, then
-// from_utf8_lossy). transformers' decode also applies
-// clean_up_tokenization_spaces when the config asks (Phi-2's does): that
-// English-punctuation heuristic ("a != b" -> "a!= b") is not reproduced.
+// from_utf8_lossy). transformers 4.x's decode then applies
+// clean_up_tokenization_spaces when the config asks (Phi-2's does), an
+// English-punctuation heuristic ("a != b" -> "a!= b") that is not reproduced;
+// transformers 5 ignores that setting for BPE tokenizers ("Ignoring
+// clean_up_tokenization_spaces=True for BPE tokenizer") and decodes as qlora.
 //
 // What differs from Hugging Face, on purpose: text that is not UTF-8 is
 // Error("InvalidUtf8") (Python cannot even hold it); an unknown id in decode is
@@ -24,24 +26,30 @@
 // A file that is not a tokenizer.json, or whose parts disagree, is
 // Error("InvalidTokenizer") naming the file and the key.
 //
+// from_pretrained also reads tokenizer_config.json and registers, as
+// transformers' PreTrainedTokenizerFast does, its added_tokens_decoder entries
+// and its special tokens (BOS/EOS/UNK/SEP/PAD/CLS/MASK and
+// additional_special_tokens) that tokenizer.json lacks.
+//
 // Tokens added at run time follow transformers: add_tokens gives new tokens
 // the next ids (normal ones normalized=true, special ones normalized=false and
 // skipped by decode(ids, true)); a token already in the model vocabulary keeps
-// its id and is split out from then on; one already added is left as it is.
+// its id and is split out from then on; one already added is left as it is
+// (detail/added_token_table.hpp; a call that throws changes nothing).
 //
 // Thread safety: const members may run concurrently (the word cache locks);
 // add_tokens and set_special_token need exclusive access.
 #pragma once
 
-#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
-#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -49,6 +57,7 @@
 
 #include <qlora/core/error.hpp>
 #include <qlora/data/added_vocabulary.hpp>
+#include <qlora/data/detail/added_token_table.hpp>
 #include <qlora/data/detail/bpe_merges.hpp>
 #include <qlora/data/detail/byte_level_bpe_model.hpp>
 #include <qlora/data/detail/byte_level_pre_tokenizer.hpp>
@@ -58,7 +67,6 @@
 #include <qlora/data/tokenizer.hpp>
 #include <qlora/data/tokenizer_config.hpp>
 #include <qlora/io/detail/json.hpp>
-#include <qlora/io/detail/utf8.hpp>
 #include <qlora/io/mapped_file.hpp>
 
 namespace qlora {
@@ -76,7 +84,7 @@ class ByteLevelBpeTokenizer {
   static ByteLevelBpeTokenizer from_json(std::string_view text, std::string_view source_name) {
     const detail::Json document = detail::parse_json_rejecting_duplicates(
         text, "InvalidTokenizer", fmt::format("{} (expected a Hugging Face tokenizer.json)", source_name));
-    const detail::TokenizerJson root(source_name, "", document);
+    const detail::TokenizerJson root(source_name, document, "InvalidTokenizer");
     if (!document.is_object()) root.fail("a Hugging Face tokenizer.json (a JSON object)");
     const std::optional<detail::TokenizerJson> model = root.find("model");
     if (!model || !model->json().is_object()) root.fail("a Hugging Face tokenizer.json, with a \"model\" object");
@@ -95,18 +103,21 @@ class ByteLevelBpeTokenizer {
                                     detail::ByteLevelPreTokenizer::from_json(optional_member(root, "pre_tokenizer")));
     tokenizer.read_added_tokens(root);
     if (const auto unk = model->find("unk_token"); unk && !unk->is_null()) {
-      tokenizer.special_.unk = tokenizer.token_to_id(unk->string());
+      tokenizer.set_special_token(SpecialRole::unk, unk->string());
     }
     return tokenizer;
   }
 
   /// Reads `dir`/tokenizer.json, then, when present, `dir`/tokenizer_config.json
-  /// for the BOS/EOS/PAD/UNK tokens and added_tokens_decoder, as transformers'
-  /// PreTrainedTokenizerFast does.
+  /// for its added_tokens_decoder and special tokens, as transformers'
+  /// PreTrainedTokenizerFast does (apply_config).
   static ByteLevelBpeTokenizer from_pretrained(const std::filesystem::path& dir) {
     ByteLevelBpeTokenizer tokenizer = from_file(dir / "tokenizer.json");
     const std::filesystem::path config_path = dir / "tokenizer_config.json";
-    if (std::filesystem::exists(config_path)) {
+    // Only "no such file" means "no config": one that cannot be examined or
+    // read is read_tokenizer_config's Error("IoError") naming it.
+    std::error_code status_error;
+    if (std::filesystem::status(config_path, status_error).type() != std::filesystem::file_type::not_found) {
       tokenizer.apply_config(read_tokenizer_config(config_path), config_path.string());
     }
     return tokenizer;
@@ -114,10 +125,8 @@ class ByteLevelBpeTokenizer {
 
   /// Appends the ids of `text` (valid UTF-8) to `out`; no BOS/EOS.
   void encode_into(std::string_view text, std::vector<TokenId>& out) const {
-    const std::size_t valid = detail::utf8_valid_prefix(text);
-    check(valid == text.size(), "InvalidUtf8", "text is not valid UTF-8: byte 0x{:02x} at offset {}",
-          valid < text.size() ? static_cast<unsigned char>(text[valid]) : 0u, valid);
-    added_.split(
+    detail::require_utf8_text(text);
+    tokens_.vocabulary().split(
         text,
         [&](std::string_view piece) {
           pre_tokenizer_.split(piece, [&](std::string_view word) { model_->encode_word(word, out); });
@@ -138,12 +147,10 @@ class ByteLevelBpeTokenizer {
   [[nodiscard]] std::string decode(std::span<const TokenId> ids, bool skip_special = false) const {
     std::string bytes;
     for (const TokenId id : ids) {
-      if (const AddedToken* added = added_.find(id)) {
+      if (const AddedToken* added = tokens_.token_at(id)) {
         if (!(skip_special && added->special)) detail::append_byte_level_decoded(bytes, added->content);
         continue;
       }
-      check(id >= 0 && static_cast<std::size_t>(id) < model_->vocabulary().size(), "InvalidTokenId",
-            "cannot decode token id {}: the vocabulary has ids 0 to {}", id, vocab_size() - 1);
       const std::string& token = model_->vocabulary().token(id);
       if (skip_special && is_special_content(token)) continue;
       detail::append_byte_level_decoded(bytes, token);
@@ -153,69 +160,75 @@ class ByteLevelBpeTokenizer {
 
   /// The id of a token as the vocabulary spells it (added tokens first).
   [[nodiscard]] std::optional<TokenId> token_to_id(std::string_view token) const {
-    if (const std::optional<TokenId> added = added_.id_of(token)) return added;
+    if (const std::optional<TokenId> added = tokens_.vocabulary().id_of(token)) return added;
     return model_->vocabulary().id_of(token);
   }
 
   /// The token with this id as the vocabulary spells it (byte-level: a space is "Ġ").
+  /// An id in no vocabulary is Error("InvalidTokenId").
   [[nodiscard]] std::string id_to_token(TokenId id) const {
-    if (const AddedToken* added = added_.find(id)) return added->content;
-    check(id >= 0 && static_cast<std::size_t>(id) < model_->vocabulary().size(), "InvalidTokenId",
-          "token id {} is out of range: the vocabulary has ids 0 to {}", id, vocab_size() - 1);
+    if (const AddedToken* added = tokens_.token_at(id)) return added->content;
     return model_->vocabulary().token(id);
   }
 
   /// Ids in use, added tokens included: transformers' len(tokenizer).
-  [[nodiscard]] std::size_t vocab_size() const noexcept { return size_; }
+  [[nodiscard]] std::size_t vocab_size() const noexcept { return tokens_.size(); }
 
   /// The model's own vocabulary, without added tokens beyond it.
   [[nodiscard]] std::size_t model_size() const noexcept { return model_->vocabulary().size(); }
 
-  [[nodiscard]] SpecialTokenIds special_ids() const noexcept { return special_; }
+  [[nodiscard]] SpecialTokenIds special_ids() const noexcept { return tokens_.special_ids(); }
 
-  [[nodiscard]] const AddedVocabulary& added_tokens() const noexcept { return added_; }
+  [[nodiscard]] const AddedVocabulary& added_tokens() const noexcept { return tokens_.vocabulary(); }
 
   /// Adds each token that is not an added token yet, as transformers'
   /// add_tokens (normal: special=false, normalized=true) and
   /// add_special_tokens (special: special=true, normalized=false) do. A token
   /// of the model vocabulary keeps its id; others get the next free id.
-  /// Empty strings are skipped, as transformers skips them. Returns how many
-  /// got a new id.
+  /// Empty strings are skipped, as transformers skips them. Returns what
+  /// PreTrainedTokenizerFast.add_tokens returns where the two agree on ids
+  /// and flags: how many tokens became added tokens, model tokens included.
+  /// (A token already added is left as it is and not counted; transformers'
+  /// fast tokenizer re-registers one given other flags, rewriting them, and
+  /// counts it.) A token that is not UTF-8 is Error("InvalidUtf8"), and then
+  /// none of `tokens` is added.
   std::size_t add_tokens(std::span<const std::string> tokens, AddedTokenKind kind) {
-    std::size_t added = 0;
-    for (const std::string& content : tokens) {
-      if (content.empty() || added_.id_of(content)) continue;
-      const bool special = kind == AddedTokenKind::special;
-      AddedToken token{.content = content, .special = special, .normalized = !special};
-      const std::optional<TokenId> model_id = model_->vocabulary().id_of(content);
-      token.id = model_id.value_or(next_id());
-      add_to_vocabulary(std::move(token));
-      added += !model_id.has_value();
-    }
-    return added;
+    return tokens_.add_tokens(tokens, kind, ModelTokenIds{this}).registered;
   }
 
   /// Makes `token` (a vocabulary or added token) the BOS, EOS, PAD or UNK;
   /// an unknown token is Error("UnknownSpecialToken"). As transformers'
   /// `tokenizer.pad_token = ...`, this changes no token's flags.
   void set_special_token(SpecialRole role, std::string_view token) {
-    const std::optional<TokenId> id = token_to_id(token);
-    check(id.has_value(), "UnknownSpecialToken",
-          "cannot make {:?} the {} token: it is neither in the vocabulary nor an added token", std::string(token),
-          special_role_name(role));
-    special_[role] = id;
+    tokens_.set_special(role, token, token_to_id(token));
   }
 
  private:
   ByteLevelBpeTokenizer(std::shared_ptr<const detail::ByteLevelBpeModel> model,
                         detail::ByteLevelPreTokenizer pre_tokenizer)
-      : model_(std::move(model)), pre_tokenizer_(std::move(pre_tokenizer)), size_(model_->vocabulary().size()) {}
+      : model_(std::move(model)), pre_tokenizer_(std::move(pre_tokenizer)), tokens_(model_->vocabulary().size()) {}
+
+  /// The id a token of the model vocabulary keeps when it becomes an added
+  /// token (added tokens never rename a model id here: tokenizer.json's ids
+  /// are checked against the vocabulary).
+  [[nodiscard]] std::optional<TokenId> model_token_id(std::string_view content,
+                                                      const AddedVocabulary& /*added*/) const {
+    return model_->vocabulary().id_of(content);
+  }
+
+  /// model_token_id as the callable AddedTokenTable takes.
+  struct ModelTokenIds {
+    const ByteLevelBpeTokenizer* tokenizer;
+    std::optional<TokenId> operator()(std::string_view content, const AddedVocabulary& added) const {
+      return tokenizer->model_token_id(content, added);
+    }
+  };
 
   /// Member `name` of `object`, or a JSON null standing for it when absent.
   static detail::TokenizerJson optional_member(const detail::TokenizerJson& object, std::string_view name) {
     static const detail::Json null_value;
     if (std::optional<detail::TokenizerJson> member = object.find(name)) return *std::move(member);
-    return {object.file(), std::string(name), null_value};
+    return object.other(std::string(name), null_value);
   }
 
   /// The decoder must be ByteLevel: the model's tokens are byte-level spellings.
@@ -271,7 +284,7 @@ class ByteLevelBpeTokenizer {
   /// Why vocabulary entry `token` with id `value` cannot be read.
   [[noreturn]] static void refuse_vocabulary_entry(const detail::TokenizerJson& vocab, const std::string& token,
                                                    const detail::Json& value, const std::vector<std::string>& tokens) {
-    const detail::TokenizerJson entry(vocab.file(), fmt::format("{}[{:?}]", vocab.path(), token), value);
+    const detail::TokenizerJson entry = vocab.other(fmt::format("{}[{:?}]", vocab.path(), token), value);
     const auto id = static_cast<std::size_t>(entry.id());
     if (id >= tokens.size()) {
       entry.unsupported(
@@ -336,67 +349,49 @@ class ByteLevelBpeTokenizer {
     if (!tokens.json().is_array()) tokens.fail("an array of added tokens");
     for (std::size_t index = 0; index < tokens.json().size(); ++index) {
       const detail::TokenizerJson entry = tokens.element(index);
-      AddedToken token{.content = entry.at("content").string(),
-                       .id = entry.at("id").id(),
-                       .special = entry.flag("special", false),
-                       .single_word = entry.flag("single_word", false),
-                       .lstrip = entry.flag("lstrip", false),
-                       .rstrip = entry.flag("rstrip", false)};
-      token.normalized = entry.flag("normalized", !token.special);
-      if (token.content.empty()) entry.at("content").fail("a non-empty token");
-      const TokenId expected = token_to_id(token.content).value_or(next_id());
+      AddedToken token = entry.added_token(detail::AddedTokenLayout::tokenizer_json);
+      const TokenId expected = token_to_id(token.content).value_or(tokens_.next_id());
       if (token.id != expected) {
         entry.at("id").fail(
             fmt::format("id {}, which tokenizers gives {:?} whatever the file says (its vocabulary "
                         "id, its earlier entry's, or the next free one)",
                         expected, token.content));
       }
-      add_to_vocabulary(std::move(token));
+      tokens_.add(std::move(token));
     }
   }
 
   /// tokenizer_config.json as transformers 4.x's PreTrainedTokenizerFast
-  /// applies it: entries of added_tokens_decoder that tokenizer.json lacks are
-  /// added (special when the config says so or when they are the BOS, EOS,
-  /// UNK or PAD), then the BOS/EOS/UNK/PAD tokens that are no added token yet
-  /// are added as special tokens, then the roles are set. Where the two files
-  /// disagree on a token (its id, or its flags, which transformers would
-  /// rewrite), the tokenizer is refused.
+  /// applies it: the entries of added_tokens_decoder that tokenizer.json
+  /// lacks are added (special when the config says so or when they are among
+  /// its special tokens), then the special tokens that are no added token yet
+  /// are added (TokenizerConfig::special_tokens(), in that order), then the
+  /// BOS/EOS/UNK/PAD roles are set. Where the two files disagree on a token
+  /// (its id, or its flags, which transformers would rewrite), the tokenizer
+  /// is refused. (transformers 5 no longer marks added_tokens_decoder entries
+  /// special for being listed, nor keeps the flags of an AddedToken object in
+  /// additional_special_tokens; qlora follows 4.x, which XTuner uses.)
   void apply_config(const TokenizerConfig& config, std::string_view source_name) {
-    const std::optional<std::string>* const roles[] = {&config.bos_token, &config.eos_token, &config.unk_token,
-                                                       &config.pad_token};
-    const auto names_a_role = [&](const std::string& content) {
-      return std::ranges::any_of(roles, [&](const auto* name) { return name->has_value() && **name == content; });
-    };
     for (AddedToken token : config.added_tokens) {
-      if (const std::optional<TokenId> known_id = added_.id_of(token.content)) {
+      if (const std::optional<TokenId> known_id = tokens_.vocabulary().id_of(token.content)) {
         check(*known_id == token.id, "InvalidTokenizer",
               "{}: added_tokens_decoder.{}: {:?} has id {} in tokenizer.json, not {}", source_name, token.id,
               token.content, *known_id, token.id);
-        check(same_token(*added_.find(*known_id), token), "UnsupportedTokenizer",
+        check(same_token(*tokens_.vocabulary().find(*known_id), token), "UnsupportedTokenizer",
               "{}: added_tokens_decoder.{}: token {:?} has other flags than in tokenizer.json; changing an added "
               "token's flags is not supported",
               source_name, token.id, token.content);
         continue;
       }
-      token.special = token.special || names_a_role(token.content);
-      const TokenId expected = model_->vocabulary().id_of(token.content).value_or(next_id());
+      token.special = token.special || config.is_special_token(token.content);
+      const TokenId expected = model_->vocabulary().id_of(token.content).value_or(tokens_.next_id());
       check(token.id == expected, "InvalidTokenizer",
             "{}: added_tokens_decoder.{}: {:?} would get id {} from tokenizer.json's vocabulary, not {}", source_name,
             token.id, token.content, expected, token.id);
-      add_to_vocabulary(std::move(token));
+      tokens_.add(std::move(token));
     }
-    for (const std::optional<std::string>* name : roles) {
-      if (name->has_value()) add_tokens(std::span<const std::string>(&**name, 1), AddedTokenKind::special);
-    }
-    const std::pair<SpecialRole, const std::optional<std::string>*> assignments[] = {
-        {SpecialRole::bos, &config.bos_token},
-        {SpecialRole::eos, &config.eos_token},
-        {SpecialRole::unk, &config.unk_token},
-        {SpecialRole::pad, &config.pad_token}};
-    for (const auto& [role, name] : assignments) {
-      if (name->has_value()) set_special_token(role, **name);
-    }
+    tokens_.add_special_tokens(config, ModelTokenIds{this},
+                               [this](std::string_view content) { return token_to_id(content); });
   }
 
   static bool same_token(const AddedToken& a, const AddedToken& b) noexcept {
@@ -404,29 +399,16 @@ class ByteLevelBpeTokenizer {
            a.rstrip == b.rstrip && a.normalized == b.normalized;
   }
 
-  /// The id tokenizers gives the next new token: one past every id in use.
-  [[nodiscard]] TokenId next_id() const noexcept { return static_cast<TokenId>(size_); }
-
-  void add_to_vocabulary(AddedToken token) {
-    // One past the largest id must be a TokenId too (vocab_size, the next id).
-    check(token.id < std::numeric_limits<TokenId>::max(), "InvalidAddedToken",
-          "added token {:?}: id {} leaves no room for a vocabulary size in a 32-bit id", token.content, token.id);
-    size_ = std::max(size_, static_cast<std::size_t>(token.id) + 1);
-    added_.add(std::move(token));
-  }
-
   /// Whether a vocabulary token is spelled like a special added token
   /// (tokenizers skips by content).
   [[nodiscard]] bool is_special_content(std::string_view token) const {
-    const std::optional<TokenId> id = added_.id_of(token);
-    return id && added_.find(*id)->special;
+    const std::optional<TokenId> id = tokens_.vocabulary().id_of(token);
+    return id && tokens_.vocabulary().find(*id)->special;
   }
 
   std::shared_ptr<const detail::ByteLevelBpeModel> model_;
   detail::ByteLevelPreTokenizer pre_tokenizer_;
-  AddedVocabulary added_;
-  SpecialTokenIds special_;
-  std::size_t size_;  // vocab_size(): model ids, then the added ones past them
+  detail::AddedTokenTable tokens_;
 };
 
 static_assert(Tokenizer<ByteLevelBpeTokenizer>);

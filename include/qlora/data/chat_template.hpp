@@ -20,8 +20,9 @@ namespace qlora {
 
 template <class T>
 concept ChatTemplate = requires(const T& chat_template, const Conversation& conversation, TemplateSegments& out) {
-  /// Replaces `out` with the segments of `conversation`; throws
-  /// Error("EmptyConversation") / Error("WrongRoleOrder") for one it cannot render.
+  /// Replaces `out` with the segments of `conversation` (and the counts of
+  /// messages it dropped or joined); throws Error("EmptyConversation"),
+  /// Error("WrongRoleOrder") or Error("TemplateHasNoSystem") for one it cannot render.
   { chat_template.render(conversation, out) } -> std::same_as<void>;
   /// The tokens the template's strings rely on (<|im_start|>, ...): SampleEncoder
   /// checks that the tokenizer splits each out as one id.

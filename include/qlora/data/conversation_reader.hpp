@@ -25,8 +25,9 @@ namespace qlora {
 ///
 /// Errors are JsonlReader's and read_conversation's, prefixed with
 /// `file:line: `. Under BadLinePolicy::skip a record that does not convert is
-/// skipped and logged too (jsonl().bad_lines()). With DatasetFormat::detect the
-/// first usable record picks the format and every later record must match it.
+/// skipped and logged too (jsonl().bad_lines()), and so is one a later stage
+/// rejects (reject()). With DatasetFormat::detect the first usable record
+/// picks the format and every later record must match it.
 class ConversationReader {
  public:
   explicit ConversationReader(std::filesystem::path path, DatasetFormat format = DatasetFormat::detect,
@@ -52,6 +53,12 @@ class ConversationReader {
     }
     return false;
   }
+
+  /// Rejects the conversation next() gave last, for a reason found after
+  /// reading it (its encoding failed): throws `error` located at file:line
+  /// under BadLinePolicy::error, logs and counts it under skip
+  /// (JsonlReader::reject_record). `error`'s message should not name the line.
+  void reject(const Error& error) { reader_.reject_record(error); }
 
   /// The records' format: the one given, or the detected one (detect until the first record).
   [[nodiscard]] DatasetFormat format() const noexcept { return format_; }

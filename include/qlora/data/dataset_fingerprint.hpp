@@ -1,5 +1,5 @@
 // A short fingerprint of a tokenized dataset, for the resume cursor
-// (epoch_order.hpp): a checkpoint taken on one dataset must not silently resume
+// (epoch_cursor.hpp): a checkpoint taken on one dataset must not silently resume
 // on another (changed data, tokenizer, template or max_length would make
 // "skip the first N samples" skip the wrong ones). FNV-1a 64 over a byte
 // encoding that is the same on every host (little-endian integers, every

@@ -10,6 +10,11 @@
 // an unpaired \ud800 surrogate, NaN/Infinity, a repeated key (CPython keeps the
 // last value and drops the others silently) and nesting deeper than 1000 levels
 // (CPython's RecursionError) are errors.
+//
+// Each value costs a 32-byte node, up to 16 times the text it was parsed from
+// ("0," is 2 bytes): a document may hold at most max_values values
+// (Error("RecordTooComplex")), so that one pathological line cannot take
+// gigabytes.
 #pragma once
 
 #include <algorithm>
@@ -55,7 +60,7 @@ enum class JsonType : std::uint8_t { null, boolean, number, string, array, objec
 
 /// Where and why a text is not a JSON document.
 struct JsonParseError {
-  /// "MalformedJson" or "InvalidUtf8".
+  /// "MalformedJson", "InvalidUtf8" or "RecordTooComplex".
   const char* code;
   /// CPython's reason where CPython rejects the text too ("Expecting ',' delimiter").
   std::string reason;
@@ -231,7 +236,13 @@ inline std::optional<JsonValue> JsonValue::find(std::string_view key) const {
 ///     std::string_view text = document.root().find("text")->as_string();
 class JsonDocument {
  public:
-  JsonDocument() = default;
+  /// No limit but the 32-bit offsets' (a text of at most 4 GiB).
+  static constexpr std::size_t unlimited_values = std::numeric_limits<std::uint32_t>::max();
+
+  /// A document that refuses texts of more than `max_values` values.
+  explicit JsonDocument(std::size_t max_values = unlimited_values) : max_values_(max_values) {
+    check(max_values > 0, "InvalidArgument", "JsonDocument's max_values must be at least 1");
+  }
   // A copy's nodes would point into the original's buffers.
   JsonDocument(const JsonDocument&) = delete;
   JsonDocument& operator=(const JsonDocument&) = delete;
@@ -244,8 +255,8 @@ class JsonDocument {
   static constexpr std::size_t max_depth = 1000;
 
   /// Parses `text`, which must outlive the document's use (unescaped strings
-  /// point into it). Throws Error("MalformedJson" or "InvalidUtf8") naming the
-  /// line and column and the reason.
+  /// point into it). Throws Error("MalformedJson", "InvalidUtf8" or
+  /// "RecordTooComplex") naming the line and column and the reason.
   void parse(std::string_view text) {
     if (const std::optional<JsonParseError> error = try_parse(text)) {
       const TextPosition at = text_position(text, error->offset);
@@ -283,6 +294,7 @@ class JsonDocument {
   /// second occurrence that comes first in the text.
   std::optional<JsonParseError> find_repeated_key(std::size_t object);
 
+  std::size_t max_values_;
   std::vector<detail::JsonNode> nodes_;
   std::vector<std::uint32_t> open_;  // indices of the containers not yet closed
   std::vector<char> arena_;          // decoded escaped strings (a vector: moving it keeps their address)
@@ -311,9 +323,15 @@ inline std::optional<JsonParseError> JsonDocument::try_parse(std::string_view te
   };
   const auto at = [&](std::size_t pos, char c) { return pos < text.size() && text[pos] == c; };
 
+  const auto too_complex = [&](std::size_t offset) {
+    return JsonParseError{"RecordTooComplex", fmt::format("more than {} values in one document", max_values_), offset};
+  };
+
   std::size_t pos = detail::skip_json_whitespace(text, 0);
   expect_ = Expect::value;
   for (;;) {
+    // A value and a key each add one node.
+    if (expect_ != Expect::after_value && nodes_.size() == max_values_) return too_complex(pos);
     if (expect_ == Expect::value) {
       if (pos == text.size()) return JsonParseError{"MalformedJson", "Expecting value", pos};
       const char c = text[pos];

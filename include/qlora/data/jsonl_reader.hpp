@@ -41,6 +41,12 @@ struct JsonlReaderOptions {
   /// A longer line is Error("LineTooLong") (or skipped): a file without line
   /// ends must not make the reader hold all of it. At most 4 GiB - 1.
   std::size_t max_line_bytes = std::size_t{64} << 20;
+  /// A record of more JSON values (each number, string, key, array, object)
+  /// is Error("RecordTooComplex") (or skipped): each value takes a 32-byte
+  /// node, so a 64 MiB line of "0," would take 1 GiB. The default, 2^20 (at
+  /// most 32 MiB of nodes), is far above a chat record's few dozen values and
+  /// holds a pre-tokenized record of a million ids.
+  std::size_t max_values = std::size_t{1} << 20;
   BadLinePolicy bad_lines = BadLinePolicy::error;
   /// How many skipped lines BadLineLog keeps the message of (all are counted).
   std::size_t logged_bad_lines = 20;
@@ -106,6 +112,7 @@ class BadLineLog {
 /// - "InvalidUtf8": a byte that is not UTF-8 (column of its character);
 /// - "MalformedJson": not JSON, with CPython's reason ("Expecting ',' delimiter");
 /// - "NotAnObject": valid JSON that is not an object (an array, a string...);
+/// - "RecordTooComplex": more than max_values JSON values;
 /// - "LineTooLong": longer than max_line_bytes (file:line only).
 /// Under BadLinePolicy::skip these lines are skipped and logged (bad_lines()).
 /// Reading errors are Error("IoError").
@@ -114,6 +121,7 @@ class JsonlReader {
   explicit JsonlReader(std::filesystem::path path, JsonlReaderOptions options = {})
       : options_(validated(options)),
         lines_(std::move(path), options_.buffer_bytes, options_.max_line_bytes),
+        document_(options_.max_values),
         bad_lines_(options_.logged_bad_lines) {}
 
   /// The next record, or nullopt at the end of the file. The record (and every
@@ -184,12 +192,17 @@ class JsonlReader {
     check(options.max_line_bytes > 0 && options.max_line_bytes <= std::numeric_limits<std::uint32_t>::max(),
           "InvalidArgument", "JsonlReaderOptions::max_line_bytes must be in [1, 4 GiB - 1], got {}",
           options.max_line_bytes);
+    check(options.max_values > 0, "InvalidArgument", "JsonlReaderOptions::max_values must be at least 1");
     return options;
   }
 
-  /// "invalid JSON: Expecting value" / "invalid UTF-8 byte 0xFF".
+  /// "invalid JSON: Expecting value" / "invalid UTF-8 byte 0xFF" / "more than
+  /// 1048576 values in one document (JsonlReaderOptions::max_values)".
   static std::string describe(const JsonParseError& error) {
-    return std::string_view(error.code) == "MalformedJson" ? "invalid JSON: " + error.reason : error.reason;
+    const std::string_view code = error.code;
+    if (code == "MalformedJson") return "invalid JSON: " + error.reason;
+    if (code == "RecordTooComplex") return error.reason + " (JsonlReaderOptions::max_values)";
+    return error.reason;
   }
 
   template <class MessageFn>

@@ -3,7 +3,8 @@
 // (flash-attn's name; XTuner's cumulative_len) gives the segment boundaries and
 // position_ids restart at 0 in every segment, so each segment is attended to and
 // rotary-embedded as if it were alone. The packers (xtuner_packer.hpp,
-// bin_packer.hpp) build it; the collators (pad_collator.hpp) consume it.
+// bin_packer.hpp) build it; the collators (pad_collator.hpp, varlen_batch.hpp)
+// consume it.
 #pragma once
 
 #include <algorithm>
@@ -13,7 +14,10 @@
 #include <span>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include <qlora/core/error.hpp>
+#include <qlora/data/detail/sample_checks.hpp>
 #include <qlora/data/tokenizer.hpp>
 
 namespace qlora {
@@ -39,11 +43,8 @@ struct PackedSequence {
 
   /// Appends one segment: its tokens and labels, positions 0..n-1, its end boundary.
   void append_segment(std::span<const TokenId> segment_ids, std::span<const TokenId> segment_labels) {
-    check(segment_ids.size() == segment_labels.size(), "LabelsLengthMismatch",
-          "packed segment {}: {} labels for {} input_ids; expected one label per token", segment_count(),
-          segment_labels.size(), segment_ids.size());
-    check(!segment_ids.empty(), "EmptySample", "packed segment {}: no tokens; a segment holds at least one",
-          segment_count());
+    detail::check_labelled_tokens(segment_ids.size(), segment_labels.size(),
+                                  [this] { return fmt::format("packed segment {}", segment_count()); });
     check(segment_ids.size() <= max_tokens - size(), "PackedSequenceTooLong",
           "a packed sequence of {} tokens cannot take a segment of {}: cu_seqlens are int32, at most {} tokens",
           size(), segment_ids.size(), max_tokens);

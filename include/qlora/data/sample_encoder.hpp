@@ -11,14 +11,18 @@
 //     answer with loss = false, a conversation RoleOrder::xtuner empties) is
 //     dropped: it would add nothing to the loss but a division by zero.
 // Everything cut or dropped is counted in EncodeStats, so that a run can say
-// what it lost instead of losing it silently.
+// what it lost instead of losing it silently: samples, tokens, and the
+// messages RoleOrder::xtuner dropped or joined.
 //
 // The constructor checks the template against the tokenizer: each of the
 // template's special tokens must exist and be split out of text as that one id
 // (otherwise BPE would silently spell <|im_start|> as a dozen pieces), and BOS/EOS
 // must be defined where the template uses them: Error("UnknownSpecialToken")
-// naming the token. Errors raised while encoding a conversation (the template's
-// role-order errors, SampleTooLong) carry the conversation's source line.
+// naming the token. An error while encoding a conversation (the template's
+// role-order errors, the tokenizer's, SampleTooLong) carries the conversation's
+// source line; a caller that locates errors itself, and may skip them, passes
+// an error handler instead (BatchStream gives them to its reader, which names
+// file:line and applies BadLinePolicy).
 //
 // Not thread-safe: it reuses its buffers and counts. Use one encoder per thread
 // and add the stats up.
@@ -77,6 +81,14 @@ struct EncodeStats {
   std::uint64_t dropped_too_long = 0;
   /// Samples with no supervised token (after truncation).
   std::uint64_t dropped_no_supervised_tokens = 0;
+  /// Conversations whose encoding failed (a role-order error, a tokenizer
+  /// error, SampleTooLong): thrown, or skipped by the caller's error handler.
+  std::uint64_t rejected_samples = 0;
+  /// Messages RoleOrder::xtuner dropped (leading answers, messages after the
+  /// last answer, system messages a later one replaced) and user messages it
+  /// joined to the one before, in the conversations it rendered.
+  std::uint64_t dropped_messages = 0;
+  std::uint64_t joined_messages = 0;
 
   bool operator==(const EncodeStats&) const = default;
 
@@ -91,18 +103,24 @@ struct EncodeStats {
     truncated_supervised_tokens += other.truncated_supervised_tokens;
     dropped_too_long += other.dropped_too_long;
     dropped_no_supervised_tokens += other.dropped_no_supervised_tokens;
+    rejected_samples += other.rejected_samples;
+    dropped_messages += other.dropped_messages;
+    joined_messages += other.joined_messages;
     return *this;
   }
 
-  /// One line for a log, e.g. "kept 98 of 100 samples (20480 tokens, 9120
+  /// One line for a log, e.g. "kept 97 of 100 samples (20480 tokens, 9120
   /// supervised); truncated 3 (cut 700 tokens, 650 supervised); dropped 0 too
-  /// long, 2 with no supervised token".
+  /// long, 2 with no supervised token, 1 rejected by an error; role order
+  /// dropped 4 messages, joined 1".
   [[nodiscard]] std::string summary() const {
     return fmt::format(
         "kept {} of {} samples ({} tokens, {} supervised); truncated {} (cut {} tokens, {} supervised); "
-        "dropped {} too long, {} with no supervised token",
+        "dropped {} too long, {} with no supervised token, {} rejected by an error; role order dropped {} messages, "
+        "joined {}",
         samples_kept, samples_seen, kept_tokens, kept_supervised_tokens, truncated_samples, truncated_tokens,
-        truncated_supervised_tokens, dropped_too_long, dropped_no_supervised_tokens);
+        truncated_supervised_tokens, dropped_too_long, dropped_no_supervised_tokens, rejected_samples,
+        dropped_messages, joined_messages);
   }
 };
 
@@ -133,21 +151,50 @@ class SampleEncoder {
 
   /// Encodes `conversation` into `out` (its buffers reused); false when the
   /// sample is dropped (too long under Truncation::drop, or nothing supervised).
+  /// An error names the conversation's line (unless it is 0: not from a file).
   bool encode_into(const Conversation& conversation, EncodedSample& out) {
+    return encode_into(conversation, out, [&conversation](const Error& error) -> void {
+      throw conversation.line == 0 ? error : error.with_context(fmt::format("line {}", conversation.line));
+    });
+  }
+
+  /// As encode_into, but an error goes to on_error(const Error&), unlocated,
+  /// and the sample counts as rejected; false unless on_error throws.
+  template <class OnError>
+  bool encode_into(const Conversation& conversation, EncodedSample& out, OnError&& on_error) {
     ++stats_.samples_seen;
+    try {
+      return encode_or_throw(conversation, out);
+    } catch (const Error& error) {
+      ++stats_.rejected_samples;
+      on_error(error);
+      return false;
+    }
+  }
+
+  /// The sample of `conversation`, or nullopt when it is dropped.
+  std::optional<EncodedSample> encode(const Conversation& conversation) {
+    EncodedSample sample;
+    if (!encode_into(conversation, sample)) return std::nullopt;
+    return sample;
+  }
+
+  [[nodiscard]] const EncodeStats& stats() const noexcept { return stats_; }
+  [[nodiscard]] const EncodeOptions& options() const noexcept { return options_; }
+
+ private:
+  bool encode_or_throw(const Conversation& conversation, EncodedSample& out) {
     out.input_ids.clear();
     out.labels.clear();
     out.line = conversation.line;
-    try {
-      template_.render(conversation, segments_);
-    } catch (const Error& error) {
-      throw conversation.line == 0 ? error : error.with_context(fmt::format("line {}", conversation.line));
-    }
+    template_.render(conversation, segments_);
+    stats_.dropped_messages += segments_.dropped_messages();
+    stats_.joined_messages += segments_.joined_messages();
     for (std::size_t i = 0; i < segments_.size(); ++i) append_segment(segments_[i], out);
 
     if (out.input_ids.size() > options_.max_length) {
-      check(options_.truncation != Truncation::error, "SampleTooLong", "{}{} tokens, more than max_length {}",
-            where(conversation), out.input_ids.size(), options_.max_length);
+      check(options_.truncation != Truncation::error, "SampleTooLong", "{} tokens, more than max_length {}",
+            out.input_ids.size(), options_.max_length);
       if (options_.truncation == Truncation::drop) {
         ++stats_.dropped_too_long;
         return false;
@@ -166,18 +213,6 @@ class SampleEncoder {
     return true;
   }
 
-  /// The sample of `conversation`, or nullopt when it is dropped.
-  std::optional<EncodedSample> encode(const Conversation& conversation) {
-    EncodedSample sample;
-    if (!encode_into(conversation, sample)) return std::nullopt;
-    return sample;
-  }
-
-  [[nodiscard]] const EncodeStats& stats() const noexcept { return stats_; }
-  [[nodiscard]] const Template& chat_template() const noexcept { return template_; }
-  [[nodiscard]] const EncodeOptions& options() const noexcept { return options_; }
-
- private:
   void check_special_token(const std::string& token) const {
     const std::optional<TokenId> id = tokenizer_->token_to_id(token);
     check(id.has_value(), "UnknownSpecialToken",
@@ -220,10 +255,6 @@ class SampleEncoder {
         std::count_if(cut_begin, out.labels.end(), [](TokenId label) { return label != ignore_index; }));
     out.input_ids.resize(options_.max_length);
     out.labels.resize(options_.max_length);
-  }
-
-  static std::string where(const Conversation& conversation) {
-    return conversation.line == 0 ? std::string() : fmt::format("line {}: ", conversation.line);
   }
 
   const Tok* tokenizer_;

@@ -15,9 +15,15 @@
 //     SentencePiece would silently put U+FFFD in its place.
 //   - ids: an added token's id wins over the model's piece with the same id
 //     (the config renames it), as transformers looks added tokens up first.
-//   - the BOS/EOS/UNK/PAD tokens are added tokens too (transformers registers
-//     them when the tokenizer is built): "<s>" in text is BOS, not three
-//     pieces. Their names come from the config, else from the model.
+//   - the special tokens are added tokens too (transformers registers them
+//     when the tokenizer is built, as detail/added_token_table.hpp): "<s>" in
+//     text is BOS, not three pieces. They are the config's BOS, EOS, UNK, SEP,
+//     PAD, CLS, MASK and additional_special_tokens, in that order, where the
+//     BOS/EOS/UNK/PAD the config does not name are the model's pieces (they
+//     stand for the class defaults of InternLM2's tokenizer). An
+//     added_tokens_decoder entry listed among them is made special: the slow
+//     tokenizer leaves its flag but drops it with all_special_ids in decode,
+//     which comes to the same.
 //   - decode: runs of model ids go through SentencePiece's decoder (byte
 //     pieces reassembled, bytes that are not UTF-8 become U+FFFD), added tokens
 //     give their content. This is what the fast tokenizers and SentencePiece
@@ -39,10 +45,8 @@
 // share the model and have their own added tokens.
 #pragma once
 
-#include <algorithm>
 #include <cstddef>
 #include <filesystem>
-#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
@@ -57,9 +61,9 @@
 
 #include <qlora/core/error.hpp>
 #include <qlora/data/added_vocabulary.hpp>
+#include <qlora/data/detail/added_token_table.hpp>
 #include <qlora/data/tokenizer.hpp>
 #include <qlora/data/tokenizer_config.hpp>
-#include <qlora/io/detail/utf8.hpp>
 
 namespace qlora {
 
@@ -76,7 +80,7 @@ class SentencePieceTokenizer {
 
   /// `dir`/tokenizer.model with, when present, `dir`/tokenizer_config.json:
   /// its added_tokens_decoder (at their ids, renaming model pieces where the
-  /// model spells the id otherwise) and its bos/eos/unk/pad token names.
+  /// model spells the id otherwise), then its special tokens.
   static SentencePieceTokenizer from_pretrained(const std::filesystem::path& dir) {
     SentencePieceTokenizer tokenizer(dir / "tokenizer.model");
     const std::filesystem::path config_path = dir / "tokenizer_config.json";
@@ -87,8 +91,11 @@ class SentencePieceTokenizer {
       config = read_tokenizer_config(config_path);
     }
     try {
-      for (const AddedToken& token : config.added_tokens) tokenizer.register_added_token(token);
-      tokenizer.register_special_tokens(config);
+      for (AddedToken token : config.added_tokens) {
+        token.special = token.special || config.is_special_token(token.content);
+        tokenizer.tokens_.add(std::move(token));
+      }
+      tokenizer.register_special_tokens(std::move(config));
     } catch (const Error& e) {
       throw e.with_context(fmt::format("while reading {}", config_path.string()));
     }
@@ -98,10 +105,8 @@ class SentencePieceTokenizer {
   /// Appends the ids of `text` (no BOS/EOS). Throws Error("InvalidUtf8") naming
   /// the offset of the first byte that is not valid UTF-8.
   void encode_into(std::string_view text, std::vector<TokenId>& out) const {
-    const std::size_t valid = detail::utf8_valid_prefix(text);
-    check(valid == text.size(), "InvalidUtf8", "text is not valid UTF-8 at byte offset {} (byte 0x{:02X})", valid,
-          valid < text.size() ? static_cast<unsigned char>(text[valid]) : 0u);
-    added_.split(
+    detail::require_utf8_text(text);
+    tokens_.vocabulary().split(
         text, [&](std::string_view piece) { encode_with_model(piece, out); },
         [&](const AddedToken& token) { out.push_back(token.id); });
   }
@@ -128,8 +133,7 @@ class SentencePieceTokenizer {
       model_run.clear();
     };
     for (const TokenId id : ids) {
-      const AddedToken* added = added_.find(id);
-      require_in_vocabulary(id, added);
+      const AddedToken* added = tokens_.token_at(id);
       if (skip_special && is_special(id, added)) continue;
       if (added != nullptr) {
         flush();
@@ -144,46 +148,37 @@ class SentencePieceTokenizer {
 
   /// The id of an added token or a model piece spelled `token`, else nullopt.
   [[nodiscard]] std::optional<TokenId> token_to_id(std::string_view token) const {
-    if (const std::optional<TokenId> id = added_.id_of(token)) return id;
+    if (const std::optional<TokenId> id = tokens_.vocabulary().id_of(token)) return id;
     const int id = model_->PieceToId(token);
     if (model_->IdToPiece(id) != token) return std::nullopt;  // PieceToId answers unk_id for unknown pieces
     return id;
   }
 
-  /// The added token's content, else the model's piece ("▁the", "<0x0A>").
+  /// The added token's content, else the model's piece ("▁the", "<0x0A>");
+  /// an id in no vocabulary is Error("InvalidTokenId").
   [[nodiscard]] std::string id_to_token(TokenId id) const {
-    const AddedToken* added = added_.find(id);
-    require_in_vocabulary(id, added);
+    const AddedToken* added = tokens_.token_at(id);
     return added != nullptr ? added->content : model_->IdToPiece(id);
   }
 
   /// One past the largest id, added tokens included (transformers' len(tokenizer)).
-  [[nodiscard]] std::size_t vocab_size() const noexcept { return static_cast<std::size_t>(vocab_size_); }
+  [[nodiscard]] std::size_t vocab_size() const noexcept { return tokens_.size(); }
   /// The number of pieces in the SentencePiece model.
-  [[nodiscard]] std::size_t model_size() const noexcept { return static_cast<std::size_t>(model_size_); }
-  [[nodiscard]] SpecialTokenIds special_ids() const noexcept { return special_; }
-  [[nodiscard]] const AddedVocabulary& added_tokens() const noexcept { return added_; }
+  [[nodiscard]] std::size_t model_size() const noexcept { return static_cast<std::size_t>(model_->GetPieceSize()); }
+  [[nodiscard]] SpecialTokenIds special_ids() const noexcept { return tokens_.special_ids(); }
+  [[nodiscard]] const AddedVocabulary& added_tokens() const noexcept { return tokens_.vocabulary(); }
 
   /// transformers' add_tokens / add_special_tokens: a token that is already an
   /// added token is left as it is; one the model spells (under an id no added
   /// token renames) becomes an added token with that id; any other gets the
   /// next id, one past the largest (transformers takes len(get_vocab()), the
-  /// same unless added ids leave a gap). Empty strings are skipped. Returns how
-  /// many got a new id. A token that is not valid UTF-8 is Error("InvalidUtf8").
+  /// same unless added ids leave a gap). Empty strings are skipped. Returns
+  /// what the slow PreTrainedTokenizer.add_tokens returns: how many got a new
+  /// id (model pieces that became added tokens are not counted). A token that
+  /// is not valid UTF-8 is Error("InvalidUtf8"), and then none of `tokens` is
+  /// added.
   std::size_t add_tokens(std::span<const std::string> tokens, AddedTokenKind kind) {
-    std::size_t new_ids = 0;
-    for (const std::string& content : tokens) {
-      if (content.empty() || added_.id_of(content)) continue;
-      AddedToken token;
-      token.content = content;
-      token.special = kind == AddedTokenKind::special;
-      token.normalized = !token.special;
-      const std::optional<TokenId> piece = unrenamed_model_piece(content);
-      token.id = piece.value_or(vocab_size_);
-      if (!piece) ++new_ids;
-      register_added_token(std::move(token));
-    }
-    return new_ids;
+    return tokens_.add_tokens(tokens, kind, ModelTokenIds{this}).new_ids;
   }
 
   /// Makes `token` (an added token or a model piece) the BOS/EOS/PAD/UNK; an
@@ -191,29 +186,18 @@ class SentencePieceTokenizer {
   /// `tokenizer.pad_token = ...`, this does not register the token as an added
   /// token (add_tokens does).
   void set_special_token(SpecialRole role, std::string_view token) {
-    const std::optional<TokenId> id = token_to_id(token);
-    check(id.has_value(), "UnknownSpecialToken",
-          "{}: cannot make {:?} the {} token: it is neither an added token nor a piece of the model", source_, token,
-          special_role_name(role));
-    special_[role] = id;
+    tokens_.set_special(role, token, token_to_id(token));
   }
 
  private:
-  explicit SentencePieceTokenizer(const std::filesystem::path& model) : source_(model.string()) {
-    auto processor = std::make_shared<sentencepiece::SentencePieceProcessor>();
-    const auto status = processor->Load(source_);
-    check(status.ok(), "InvalidTokenizer", "{}: not a SentencePiece model: {}", source_, status.ToString());
-    model_size_ = processor->GetPieceSize();
-    vocab_size_ = model_size_;
-    model_ = std::move(processor);
-  }
+  explicit SentencePieceTokenizer(const std::filesystem::path& model)
+      : model_(load(model.string())), source_(model.string()), tokens_(model_size()) {}
 
-  /// `added` is added_.find(id). Ids between the model's last piece and the
-  /// largest added id that no added token holds are not in the vocabulary either.
-  void require_in_vocabulary(TokenId id, const AddedToken* added) const {
-    check(added != nullptr || (id >= 0 && id < model_size_), "InvalidTokenId",
-          "token id {} is not in the vocabulary ({} model pieces, {} ids with the added tokens)", id, model_size_,
-          vocab_size_);
+  static std::shared_ptr<const sentencepiece::SentencePieceProcessor> load(const std::string& path) {
+    auto processor = std::make_shared<sentencepiece::SentencePieceProcessor>();
+    const auto status = processor->Load(path);
+    check(status.ok(), "InvalidTokenizer", "{}: not a SentencePiece model: {}", path, status.ToString());
+    return processor;
   }
 
   void encode_with_model(std::string_view text, std::vector<TokenId>& out) const {
@@ -224,57 +208,49 @@ class SentencePieceTokenizer {
   }
 
   bool is_special(TokenId id, const AddedToken* added) const noexcept {
-    return (added != nullptr && added->special) || id == special_.bos || id == special_.eos || id == special_.pad ||
-           id == special_.unk;
+    const SpecialTokenIds& special = tokens_.special_ids();
+    return (added != nullptr && added->special) || id == special.bos || id == special.eos || id == special.pad ||
+           id == special.unk;
   }
 
-  /// The id of the model piece spelled `content`, unless an added token has
-  /// renamed that id: what transformers' get_vocab() lists.
-  std::optional<TokenId> unrenamed_model_piece(std::string_view content) const {
+  /// The id of the model piece spelled `content`, unless one of the `added`
+  /// tokens has renamed that id: what transformers' get_vocab() lists, and so
+  /// the id a piece keeps when it becomes an added token.
+  [[nodiscard]] std::optional<TokenId> model_token_id(std::string_view content, const AddedVocabulary& added) const {
     const int id = model_->PieceToId(content);
-    if (model_->IdToPiece(id) != content || added_.find(id) != nullptr) return std::nullopt;
+    if (model_->IdToPiece(id) != content || added.find(id) != nullptr) return std::nullopt;
     return id;
   }
 
-  void register_added_token(AddedToken token) {
-    const std::size_t valid = detail::utf8_valid_prefix(token.content);
-    check(valid == token.content.size(), "InvalidUtf8", "added token id {}: the content is not valid UTF-8 at byte {}",
-          token.id, valid);
-    // One past the largest id must be a TokenId too (vocab_size, the next id of add_tokens).
-    check(token.id < std::numeric_limits<TokenId>::max(), "InvalidAddedToken",
-          "added token {:?}: id {} leaves no room for a vocabulary size in a 32-bit id", token.content, token.id);
-    vocab_size_ = std::max(vocab_size_, token.id + 1);
-    added_.add(std::move(token));
-  }
-
-  /// The BOS, EOS, UNK and PAD tokens, named by `config` or else by the model,
-  /// become special added tokens when they are not added tokens yet (in
-  /// transformers' order, which decides the ids of names the model lacks).
-  void register_special_tokens(const TokenizerConfig& config) {
-    const auto model_piece = [&](int id) -> std::optional<std::string> {
-      if (id < 0) return std::nullopt;
-      return model_->IdToPiece(id);
-    };
-    const std::pair<SpecialRole, std::optional<std::string>> roles[] = {
-        {SpecialRole::bos, config.bos_token ? config.bos_token : model_piece(model_->bos_id())},
-        {SpecialRole::eos, config.eos_token ? config.eos_token : model_piece(model_->eos_id())},
-        {SpecialRole::unk, config.unk_token ? config.unk_token : model_piece(model_->unk_id())},
-        {SpecialRole::pad, config.pad_token ? config.pad_token : model_piece(model_->pad_id())},
-    };
-    for (const auto& [role, name] : roles) {
-      if (!name) continue;
-      const std::string names[] = {*name};
-      add_tokens(names, AddedTokenKind::special);
-      special_[role] = added_.id_of(*name);
+  /// model_token_id as the callable AddedTokenTable takes.
+  struct ModelTokenIds {
+    const SentencePieceTokenizer* tokenizer;
+    std::optional<TokenId> operator()(std::string_view content, const AddedVocabulary& added) const {
+      return tokenizer->model_token_id(content, added);
     }
+  };
+
+  /// The config's special tokens become special added tokens when they are
+  /// not added tokens yet, in transformers' order (which decides the ids of
+  /// those the model lacks), and take their roles; the BOS/EOS/UNK/PAD the
+  /// config does not name are the model's pieces.
+  void register_special_tokens(TokenizerConfig config) {
+    const std::pair<std::optional<AddedToken>*, int> defaults[] = {{&config.bos_token, model_->bos_id()},
+                                                                   {&config.eos_token, model_->eos_id()},
+                                                                   {&config.unk_token, model_->unk_id()},
+                                                                   {&config.pad_token, model_->pad_id()}};
+    for (const auto& [token, model_id] : defaults) {
+      if (!token->has_value() && model_id >= 0) {
+        *token = AddedToken{.content = model_->IdToPiece(model_id), .special = true, .normalized = false};
+      }
+    }
+    tokens_.add_special_tokens(config, ModelTokenIds{this},
+                               [this](std::string_view content) { return token_to_id(content); });
   }
 
   std::shared_ptr<const sentencepiece::SentencePieceProcessor> model_;
   std::string source_;  // the model's path, for messages
-  TokenId model_size_ = 0;
-  TokenId vocab_size_ = 0;
-  AddedVocabulary added_;
-  SpecialTokenIds special_;
+  detail::AddedTokenTable tokens_;
 };
 
 static_assert(Tokenizer<SentencePieceTokenizer>);

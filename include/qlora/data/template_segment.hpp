@@ -12,6 +12,8 @@
 //
 // The buffer is reused across conversations (clear() keeps its capacity), so
 // rendering allocates nothing once it has grown to the largest conversation.
+// It also carries what the template did not render as it was (RoleOrder::xtuner's
+// dropped and joined messages), for SampleEncoder to count.
 #pragma once
 
 #include <cstddef>
@@ -38,6 +40,8 @@ class TemplateSegments {
   void clear() noexcept {
     text_.clear();
     entries_.clear();
+    dropped_messages_ = 0;
+    joined_messages_ = 0;
   }
 
   /// Starts a text segment; append() extends it. A segment built from several
@@ -64,6 +68,15 @@ class TemplateSegments {
   /// masked with it.
   void add_eos(bool supervised) { entries_.push_back({SegmentKind::eos, supervised, text_.size(), 0}); }
 
+  /// Records messages of the conversation the template left out of the
+  /// segments, and user messages it joined to the one before them.
+  void count_cuts(std::size_t dropped_messages, std::size_t joined_messages) noexcept {
+    dropped_messages_ += dropped_messages;
+    joined_messages_ += joined_messages;
+  }
+  [[nodiscard]] std::size_t dropped_messages() const noexcept { return dropped_messages_; }
+  [[nodiscard]] std::size_t joined_messages() const noexcept { return joined_messages_; }
+
   [[nodiscard]] std::size_t size() const noexcept { return entries_.size(); }
   [[nodiscard]] bool empty() const noexcept { return entries_.empty(); }
 
@@ -83,6 +96,8 @@ class TemplateSegments {
   /// All text segments, one after the other.
   std::string text_;
   std::vector<Entry> entries_;
+  std::size_t dropped_messages_ = 0;
+  std::size_t joined_messages_ = 0;
 };
 
 }  // namespace qlora

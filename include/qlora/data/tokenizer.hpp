@@ -31,8 +31,6 @@ using TokenId = std::int32_t;
 /// CrossEntropyLoss ignore_index default, which transformers and XTuner use).
 inline constexpr TokenId ignore_index = -100;
 
-/// The ids a tokenizer reserves; absent where the tokenizer defines none
-/// (Phi-2 has no pad token until one is added; SentencePiece may lack all).
 /// Which reserved role set_special_token assigns.
 enum class SpecialRole : std::uint8_t { bos, eos, pad, unk };
 
@@ -50,6 +48,8 @@ enum class SpecialRole : std::uint8_t { bos, eos, pad, unk };
   return "?";
 }
 
+/// The ids a tokenizer reserves; absent where the tokenizer defines none
+/// (Phi-2 has no pad token until one is added; SentencePiece may lack all).
 struct SpecialTokenIds {
   std::optional<TokenId> bos;
   std::optional<TokenId> eos;
@@ -107,8 +107,13 @@ concept Tokenizer = requires(T& mutable_tokenizer, const T& tokenizer, std::stri
   /// Number of ids, added tokens included (HF's len(tokenizer)).
   { tokenizer.vocab_size() } -> std::same_as<std::size_t>;
   { tokenizer.special_ids() } -> std::same_as<SpecialTokenIds>;
-  /// Adds tokens missing from the vocabulary at the next free ids, as HF's
-  /// add_tokens / add_special_tokens do; returns how many were new.
+  /// Makes each token that is not an added token yet one, as HF's add_tokens /
+  /// add_special_tokens do: a token of the model keeps its id, any other gets
+  /// the next free id; a token already added is left as it is. Returns the
+  /// count that the transformers class the tokenizer mirrors returns (the
+  /// fast ones count model tokens that became added tokens, the slow ones only
+  /// new ids; see each implementation). All or nothing: when it throws, no
+  /// token was added.
   { mutable_tokenizer.add_tokens(new_tokens, AddedTokenKind{}) } -> std::same_as<std::size_t>;
   /// Makes an existing token (vocabulary or added) the BOS/EOS/PAD/UNK; an
   /// unknown token is an Error naming it.

@@ -24,7 +24,9 @@
 // INSTRUCTION without {input} or a SYSTEM without {system} (either would drop
 // the message's text from every sample). A template with no SYSTEM string has
 // no place for a system prompt: a conversation with a non-empty system message
-// is then Error("WrongRoleOrder") rather than a sample without its prompt.
+// is then Error("TemplateHasNoSystem") rather than a sample without its prompt.
+// Under RoleOrder::xtuner, the messages it drops and joins are counted in the
+// segments (TemplateSegments::count_cuts) for SampleEncoder's EncodeStats.
 //
 // InternLM2Chat and ChatML are XTuner's internlm2_chat and qwen_chat (standard
 // ChatML): the same strings; InternLM2 opens a conversation with BOS, Qwen
@@ -86,7 +88,7 @@ class TurnTemplate {
     out.clear();
     bool next_needs_bos = true;
     const auto append = [&out](std::string_view piece) { out.append(piece); };
-    for_each_chat_turn(conversation, role_order_, [&](const ChatTurn& turn) {
+    const ChatTurnCuts cuts = for_each_chat_turn(conversation, role_order_, [&](const ChatTurn& turn) {
       if (config_.bos && next_needs_bos) out.add_bos();
       out.begin_text(false);
       render_system(turn, conversation, out);
@@ -105,6 +107,7 @@ class TurnTemplate {
       if (next_needs_bos) out.add_eos(answer.loss);
       if (!config_.sep.empty()) out.add_text(config_.sep, false);
     });
+    out.count_cuts(cuts.dropped_messages, cuts.joined_messages);
   }
 
   [[nodiscard]] std::span<const std::string> special_tokens() const noexcept { return config_.special_tokens; }
@@ -121,7 +124,7 @@ class TurnTemplate {
   void render_system(const ChatTurn& turn, const Conversation& conversation, TemplateSegments& out) const {
     const Message* system = turn.system();
     if (system == nullptr || system->content.empty()) return;
-    check(!system_.empty(), "WrongRoleOrder",
+    check(!system_.empty(), "TemplateHasNoSystem",
           "messages[{}] is a system prompt, but this template has no SYSTEM string to render it",
           static_cast<std::size_t>(system - conversation.messages.data()));
     system_.render([&out](std::string_view piece) { out.append(piece); },

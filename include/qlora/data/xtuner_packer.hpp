@@ -17,7 +17,7 @@
 // Packer copy, so residuals never cross shards and each shard may lose a tail.
 // xtuner_pack() reproduces both. The segment structure is always recorded;
 // XTuner's use_varlen_attn only decides whether training uses it (varlen_batch
-// in pad_collator.hpp) or attends across the whole row (PadCollator).
+// in varlen_batch.hpp) or attends across the whole row (PadCollator).
 //
 // Shuffle before pack: XTuner calls dataset.shuffle() with no seed, which draws
 // one from numpy's global state, so its order cannot be reproduced by anyone;
@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <numeric>
 #include <span>
 #include <utility>
 #include <vector>
@@ -189,12 +188,8 @@ struct XtunerPackResult {
     detail::check_sample(samples[index], index);  // here, to name the sample by its input index
     result.input_tokens += samples[index].input_ids.size();
   }
-  std::vector<std::size_t> order(samples.size());
-  if (options.shuffle_before_pack) {
-    order = detail::seeded_permutation(samples.size(), options.shuffle_seed, detail::pack_shuffle_stream);
-  } else {
-    std::iota(order.begin(), order.end(), std::size_t{0});
-  }
+  const std::vector<std::size_t> order = detail::shuffled_or_identity(
+      samples.size(), options.shuffle_before_pack, options.shuffle_seed, detail::pack_shuffle_stream);
   // datasets' Dataset.shard(num_shards, index, contiguous=True): the first
   // (size % shards) shards take one extra sample.
   const std::size_t shard_count = std::min(options.map_num_proc, samples.size());

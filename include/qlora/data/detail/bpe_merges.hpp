@@ -45,7 +45,6 @@ class BpeMerges {
     const std::uint64_t key = key_of(left, right);
     for (std::size_t slot = home_of(key);; slot = (slot + 1) & (slots_.size() - 1)) {
       if (slots_[slot].key == key || slots_[slot].key == empty_key) {
-        size_ += slots_[slot].key == empty_key;
         slots_[slot] = {key, merge};
         return;
       }
@@ -59,8 +58,6 @@ class BpeMerges {
       if (slots_[slot].key == empty_key) return nullptr;
     }
   }
-
-  [[nodiscard]] std::size_t size() const noexcept { return size_; }
 
   /// Merges the `count` symbols at `symbols` in place until no rule applies;
   /// returns how many symbols are left.
@@ -165,7 +162,6 @@ class BpeMerges {
 
   std::vector<Slot> slots_;
   int shift_ = 0;
-  std::size_t size_ = 0;
 };
 
 }  // namespace qlora::detail

@@ -108,7 +108,7 @@ class ByteLevelPreTokenizer {
           fmt::format("Split behaviour \"{}\" is not supported (expected Isolated)", behavior.string()));
     }
     const TokenizerJson pattern = json.at("pattern");
-    const std::string what = fmt::format("{}: {}", pattern.file(), pattern.path());
+    const std::string what = pattern.location();
     if (const auto regex = pattern.find("Regex")) {
       splits_.emplace_back(oniguruma_compatible_pattern(regex->string(), what), what);
     } else if (const auto literal = pattern.find("String")) {

@@ -53,6 +53,7 @@ class LineReader {
   /// The next line, or nullopt at the end of the file. The text stays valid
   /// until the next call. Throws Error("IoError") when reading fails.
   std::optional<Line> next() {
+    if (!bom_checked_) skip_bom();
     for (;;) {
       const char* const data = buffer_.data();
       if (const void* found = std::memchr(data + scan_, '\n', end_ - scan_)) {
@@ -82,11 +83,24 @@ class LineReader {
   Line take_line(std::size_t end, std::size_t next) {
     std::string_view text(buffer_.data() + begin_, end - begin_);
     if (text.ends_with('\r') && next != end) text.remove_suffix(1);  // "\r\n" (a last "\r" alone is whitespace)
-    if (line_number_ == 0 && text.starts_with("\xEF\xBB\xBF")) text.remove_prefix(3);
     const bool too_long = text.size() > max_line_bytes_;
     bytes_consumed_ += next - begin_;
     begin_ = scan_ = next;
     return {too_long ? std::string_view() : text, ++line_number_, too_long};
+  }
+
+  /// Steps over a UTF-8 BOM at the start of the file before any line is
+  /// measured, so that it never counts against max_line_bytes (whatever the
+  /// buffer size, the first line gets the same verdict as any other).
+  void skip_bom() {
+    bom_checked_ = true;
+    constexpr std::string_view bom = "\xEF\xBB\xBF";
+    if (buffer_.size() < bom.size()) buffer_.resize(bom.size());
+    while (end_ < bom.size() && !at_eof_) fill();
+    if (std::string_view(buffer_.data(), end_).starts_with(bom)) {
+      begin_ = scan_ = bom.size();
+      bytes_consumed_ += bom.size();
+    }
   }
 
   /// Drops the current line, which is over the limit and has no "\n" in the
@@ -148,6 +162,7 @@ class LineReader {
   std::size_t scan_ = 0;   // searched for "\n" up to here
   std::size_t end_ = 0;    // end of the bytes read
   bool at_eof_ = false;
+  bool bom_checked_ = false;
   std::uint64_t line_number_ = 0;
   std::uint64_t bytes_consumed_ = 0;
   std::optional<std::uint64_t> file_size_;

@@ -46,10 +46,19 @@ inline std::string pcre2_message(int error_code) {
 }
 
 /// `pattern` with `\s` and `\S` spelled as the White_Space property (valid in
-/// and out of character classes). Escapes `\w`, `\W`, `\b` and `\B` differ
-/// between Oniguruma and PCRE2 (Marks, numbers other than Nd) and are refused
-/// with Error("UnsupportedTokenizer") rather than matched differently; `what`
-/// names the pattern in the message.
+/// and out of character classes). Escapes whose meaning differs between
+/// Oniguruma and PCRE2 are refused with Error("UnsupportedTokenizer") rather
+/// than matched differently; `what` names the pattern in the message:
+///   - `\w`, `\W`, `\b`, `\B`: Unicode word characters (Marks, numbers other
+///     than Nd) differ;
+///   - `\h`, `\H`: a hexadecimal digit in Oniguruma, horizontal white space
+///     in PCRE2;
+///   - `\v`, `\V`: the vertical tab (U+000B) in Oniguruma, vertical white
+///     space in PCRE2;
+///   - `\C`: one code unit in PCRE2 (it would cut UTF-8 sequences apart, and
+///     PCRE2 then runs on invalid UTF-8: undefined behaviour); Oniguruma
+///     refuses the pattern. Pcre2Regex also compiles with
+///     PCRE2_NEVER_BACKSLASH_C, so no path can reach it.
 inline std::string oniguruma_compatible_pattern(std::string_view pattern, std::string_view what) {
   std::string rewritten;
   rewritten.reserve(pattern.size() + 32);
@@ -68,9 +77,9 @@ inline std::string oniguruma_compatible_pattern(std::string_view pattern, std::s
       rewritten += "\\p{White_Space}";
     } else if (escaped == 'S') {
       rewritten += "\\P{White_Space}";
-    } else if (escaped == 'w' || escaped == 'W' || escaped == 'b' || escaped == 'B') {
+    } else if (std::string_view("wWbBhHvVC").find(escaped) != std::string_view::npos) {
       throw Error("UnsupportedTokenizer",
-                  fmt::format("{}: the regex uses \\{} at offset {}, whose Unicode meaning differs between "
+                  fmt::format("{}: the regex uses \\{} at offset {}, whose meaning differs between "
                               "Oniguruma (Hugging Face tokenizers) and PCRE2; not supported",
                               what, escaped, pos - 1));
     } else {
@@ -93,7 +102,7 @@ class Pcre2Regex {
     int error_code = 0;
     PCRE2_SIZE error_offset = 0;
     const std::uint32_t options =
-        PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE | (anchor == Anchor::at_start ? PCRE2_ANCHORED : 0u);
+        PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE | PCRE2_NEVER_BACKSLASH_C | (anchor == Anchor::at_start ? PCRE2_ANCHORED : 0u);
     pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), options, &error_code,
                                      &error_offset, nullptr);
     check(code != nullptr, "InvalidRegex", "{}: regex does not compile at offset {}: {}", what, error_offset,

@@ -2,6 +2,8 @@
 // driven by the Philox stream (seed, stream) of core/rng.hpp. Epoch orders use the
 // epoch as the stream, so epoch e's order can be recomputed on resume without
 // replaying epochs 0..e-1 and is the same on every rank and every machine.
+// shuffled_or_identity is the one place where packers and samplers choose
+// between that order and the dataset's own.
 #pragma once
 
 #include <cstddef>
@@ -65,6 +67,16 @@ inline std::vector<std::size_t> seeded_permutation(std::size_t n, std::uint64_t 
     const std::size_t j = words.below(static_cast<std::uint32_t>(i));
     std::swap(order[i - 1], order[j]);
   }
+  return order;
+}
+
+/// The order packers and samplers walk n items in: seeded_permutation(n, seed,
+/// stream) when `shuffle`, 0..n-1 (which has no size limit) otherwise.
+inline std::vector<std::size_t> shuffled_or_identity(std::size_t n, bool shuffle, std::uint64_t seed,
+                                                     std::uint64_t stream) {
+  if (shuffle) return seeded_permutation(n, seed, stream);
+  std::vector<std::size_t> order(n);
+  std::iota(order.begin(), order.end(), std::size_t{0});
   return order;
 }
 

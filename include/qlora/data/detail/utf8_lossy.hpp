@@ -19,28 +19,13 @@ namespace qlora::detail {
 /// still fit a valid character (Unicode's "maximal subpart"), or all of
 /// `bytes` when they are a truncated character.
 constexpr std::size_t utf8_invalid_length(std::string_view bytes) noexcept {
+  const Utf8Lead lead = utf8_lead(static_cast<unsigned char>(bytes[0]));
+  if (lead.length < 2) return 1;  // a byte that cannot start a sequence (0x80..0xC1, 0xF5..0xFF)
   const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(bytes[i]); };
-  const unsigned lead = byte(0);
-  std::size_t length = 0;
-  unsigned low = 0x80;  // allowed range of the second byte (Unicode 15, table 3-7)
-  unsigned high = 0xBF;
-  if (lead >= 0xC2 && lead <= 0xDF) {
-    length = 2;
-  } else if (lead >= 0xE0 && lead <= 0xEF) {
-    length = 3;
-    if (lead == 0xE0) low = 0xA0;
-    if (lead == 0xED) high = 0x9F;
-  } else if (lead >= 0xF0 && lead <= 0xF4) {
-    length = 4;
-    if (lead == 0xF0) low = 0x90;
-    if (lead == 0xF4) high = 0x8F;
-  } else {
-    return 1;
-  }
   std::size_t taken = 1;
-  if (taken < bytes.size() && byte(taken) >= low && byte(taken) <= high) {
+  if (taken < bytes.size() && byte(taken) >= lead.second_low && byte(taken) <= lead.second_high) {
     ++taken;
-    while (taken < length && taken < bytes.size() && (byte(taken) & 0xC0u) == 0x80u) ++taken;
+    while (taken < lead.length && taken < bytes.size() && (byte(taken) & 0xC0u) == 0x80u) ++taken;
   }
   return taken;
 }

@@ -11,9 +11,28 @@
 
 namespace qlora::detail {
 
+/// What a UTF-8 lead byte allows (Unicode 15, table 3-7): the length of its
+/// sequence (0: not a lead byte) and the range of the byte after it, narrowed
+/// for E0 (no overlong 3-byte forms), ED (no surrogates), F0 (no overlong
+/// 4-byte forms) and F4 (nothing above U+10FFFF). Shared by the validator
+/// below and by decoders that replace invalid sequences (utf8_lossy.hpp).
+struct Utf8Lead {
+  std::size_t length = 0;
+  unsigned second_low = 0x80;
+  unsigned second_high = 0xBF;
+};
+
+constexpr Utf8Lead utf8_lead(unsigned char lead) noexcept {
+  if (lead < 0x80) return {1, 0x80, 0xBF};
+  if (lead >= 0xC2 && lead <= 0xDF) return {2, 0x80, 0xBF};
+  if (lead >= 0xE0 && lead <= 0xEF) return {3, lead == 0xE0 ? 0xA0u : 0x80u, lead == 0xED ? 0x9Fu : 0xBFu};
+  if (lead >= 0xF0 && lead <= 0xF4) return {4, lead == 0xF0 ? 0x90u : 0x80u, lead == 0xF4 ? 0x8Fu : 0xBFu};
+  return {};
+}
+
 /// The length of the longest valid UTF-8 prefix of `text`: `text.size()` when all
 /// of it is valid. Rejects overlong forms, surrogates (U+D800..U+DFFF) and code
-/// points above U+10FFFF (Unicode 15, table 3-7).
+/// points above U+10FFFF.
 inline std::size_t utf8_valid_prefix(std::string_view text) noexcept {
   const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(text[i]); };
   std::size_t i = 0;
@@ -25,32 +44,19 @@ inline std::size_t utf8_valid_prefix(std::string_view text) noexcept {
       i += sizeof word;
       continue;
     }
-    const unsigned lead = byte(i);
-    if (lead < 0x80) {
+    const Utf8Lead lead = utf8_lead(byte(i));
+    if (lead.length == 1) {
       ++i;
       continue;
     }
-    std::size_t length = 0;
-    unsigned low = 0x80;  // range of the second byte, narrowed for E0, ED, F0, F4
-    unsigned high = 0xBF;
-    if (lead >= 0xC2 && lead <= 0xDF) {
-      length = 2;
-    } else if (lead >= 0xE0 && lead <= 0xEF) {
-      length = 3;
-      if (lead == 0xE0) low = 0xA0;   // no overlong 3-byte forms
-      if (lead == 0xED) high = 0x9F;  // no surrogates
-    } else if (lead >= 0xF0 && lead <= 0xF4) {
-      length = 4;
-      if (lead == 0xF0) low = 0x90;   // no overlong 4-byte forms
-      if (lead == 0xF4) high = 0x8F;  // nothing above U+10FFFF
-    } else {
+    if (lead.length == 0 || text.size() - i < lead.length || byte(i + 1) < lead.second_low ||
+        byte(i + 1) > lead.second_high) {
       return i;
     }
-    if (text.size() - i < length || byte(i + 1) < low || byte(i + 1) > high) return i;
-    for (std::size_t k = 2; k < length; ++k) {
+    for (std::size_t k = 2; k < lead.length; ++k) {
       if ((byte(i + k) & 0xC0u) != 0x80u) return i;
     }
-    i += length;
+    i += lead.length;
   }
   return text.size();
 }
@@ -62,7 +68,7 @@ inline bool is_valid_utf8(std::string_view text) noexcept { return utf8_valid_pr
 /// `text` must be valid UTF-8 (checked by the caller).
 inline char32_t decode_utf8(std::string_view text, std::size_t& pos) noexcept {
   const auto lead = static_cast<unsigned char>(text[pos]);
-  const std::size_t length = lead < 0x80 ? 1 : lead < 0xE0 ? 2 : lead < 0xF0 ? 3 : 4;
+  const std::size_t length = utf8_lead(lead).length;
   char32_t code_point = length == 1 ? lead : lead & (0x7Fu >> length);
   for (std::size_t k = 1; k < length; ++k) {
     code_point = (code_point << 6) | (static_cast<unsigned char>(text[pos + k]) & 0x3Fu);
