@@ -23,7 +23,9 @@ using qlora::AddedTokenKind;
 using qlora::ByteLevelBpeTokenizer;
 using qlora::SpecialRole;
 using qlora::TokenId;
+using qlora::test::bytes_of;
 using qlora::test::data_fixture;
+using qlora::test::ids_of;
 using qlora::test::Json;
 using qlora::test::require_error;
 using qlora::test::TempDir;
@@ -41,14 +43,6 @@ const Json& tokenizer_json() {
   static const Json document = qlora::test::load_json(model_dir() / "tokenizer.json");
   return document;
 }
-
-std::string bytes_of(const Json& entry) {
-  std::string text;
-  for (const Json& byte : entry["bytes"]) text += static_cast<char>(byte.get<int>());
-  return text;
-}
-
-std::vector<TokenId> ids_of(const Json& list) { return list.get<std::vector<TokenId>>(); }
 
 /// The Phi-2 tutorial's run-time changes, in this library's terms.
 void tutorial_additions(ByteLevelBpeTokenizer& tokenizer) {

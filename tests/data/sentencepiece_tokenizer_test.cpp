@@ -24,7 +24,9 @@
 using qlora::SentencePieceTokenizer;
 using qlora::SpecialRole;
 using qlora::TokenId;
+using qlora::test::bytes_of;
 using qlora::test::data_fixture;
+using qlora::test::ids_of;
 using qlora::test::Json;
 using qlora::test::require_error;
 using qlora::test::TempDir;
@@ -37,14 +39,6 @@ const Json& encodings() {
   static const Json document = qlora::test::load_json(data_fixture("sentencepiece/encodings.json"));
   return document;
 }
-
-std::string bytes_of(const Json& entry) {
-  std::string text;
-  for (const Json& byte : entry["bytes"]) text += static_cast<char>(byte.get<int>());
-  return text;
-}
-
-std::vector<TokenId> ids_of(const Json& list) { return list.get<std::vector<TokenId>>(); }
 
 /// What `action` writes to file descriptor 2 (SentencePiece logs there, bypassing std::cerr).
 template <class Action>
