@@ -58,3 +58,19 @@ TRAINING_TEXT = [
     "    indented code\n\tand tabs\n\nand blank lines\n",
     "Emoji are common in chat: 😀 🚀 👍 ❤️ and so is punctuation!?;:",
 ]
+
+
+def fixture_entry(raw: bytes):
+    """The fixture entry of one corpus text, and the text when it is UTF-8.
+
+    Entries record the bytes (JSON strings cannot hold invalid UTF-8); an invalid
+    one records where Python's strict decoder stops, and the text is None.
+    """
+    entry = {"bytes": list(raw)}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        entry["invalid_utf8_offset"] = e.start
+        return entry, None
+    entry["text"] = text
+    return entry, text

@@ -78,7 +78,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _hostile_corpus import HOSTILE, TRAINING_TEXT  # noqa: E402
+from _hostile_corpus import HOSTILE, TRAINING_TEXT, fixture_entry  # noqa: E402
 from _refcommon import DATA_DIR, versions  # noqa: E402
 from sentencepiece_bpe import generated_text  # noqa: E402
 
@@ -336,14 +336,10 @@ def main() -> None:
 
     entries, other_slow_decode = [], []
     for index, raw in enumerate(HOSTILE + [text.encode() for text in EXTRA_TEXTS + PROBE_TEXTS]):
-        entry = {"bytes": list(raw)}
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            entry["invalid_utf8_offset"] = e.start
+        entry, text = fixture_entry(raw)
+        if text is None:
             entries.append(entry)
             continue
-        entry["text"] = text
         ids = reference.encode(text, add_special_tokens=False).ids
         assert legacy_reference.encode(text, add_special_tokens=False).ids == ids
         entry["tokenizers"] = {"ids": ids, "decode": reference.decode(ids, skip_special_tokens=False),

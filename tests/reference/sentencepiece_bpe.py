@@ -74,7 +74,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _hostile_corpus import HOSTILE, TRAINING_TEXT  # noqa: E402
+from _hostile_corpus import HOSTILE, TRAINING_TEXT, fixture_entry  # noqa: E402
 from _refcommon import DATA_DIR, random_u32, versions  # noqa: E402
 
 import sentencepiece as spm  # noqa: E402
@@ -326,14 +326,10 @@ def write_json(path: str, document: dict) -> None:
 def encodings(pretrained: InternLM2Tokenizer, bare: InternLM2Tokenizer, sp: spm.SentencePieceProcessor) -> list:
     entries = []
     for raw in HOSTILE + [text.encode() for text in EXTRA_TEXTS]:
-        entry = {"bytes": list(raw)}
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            entry["invalid_utf8_offset"] = e.start
+        entry, text = fixture_entry(raw)
+        if text is None:
             entries.append(entry)
             continue
-        entry["text"] = text
         sp_ids = sp.encode(text)
         entry["sp"] = {"ids": sp_ids, "pieces": sp.encode(text, out_type=str), "decode": sp.decode(sp_ids)}
         ids = pretrained.encode(text, add_special_tokens=False)
