@@ -32,7 +32,7 @@
 #include <qlora/core/error.hpp>
 #include <qlora/core/parallel.hpp>
 #include <qlora/core/tensor.hpp>
-#include <qlora/lora/detail/eigen_matrix.hpp>
+#include <qlora/core/detail/eigen_matrix.hpp>
 #include <qlora/lora/detail/layer_arguments.hpp>
 #include <qlora/lora/dropout.hpp>
 #include <qlora/lora/frozen_weight.hpp>

@@ -1,5 +1,5 @@
-// IWYU pragma: private, include <qlora/lora/lora_linear.hpp>
-// Row-major float matrices over raw buffers, for the CPU backend's GEMMs.
+// IWYU pragma: private
+// Row-major float matrices over raw buffers, for the CPU GEMMs of lora/ and nn/.
 // Eigen does the blocking and SIMD of every product; we only describe where
 // the operands live (a pointer, rows, cols and the row stride).
 #pragma once
