@@ -33,6 +33,7 @@
 #include <qlora/core/parallel.hpp>
 #include <qlora/core/tensor.hpp>
 #include <qlora/core/detail/eigen_matrix.hpp>
+#include <qlora/lora/detail/frozen_gemm.hpp>
 #include <qlora/lora/detail/layer_arguments.hpp>
 #include <qlora/lora/dropout.hpp>
 #include <qlora/lora/frozen_weight.hpp>
@@ -102,7 +103,7 @@ class LoraLinear<Quant, Compute, Cpu> {
       arguments().bias(bias, out_features());
       bias_ = Tensor(DType::F32, Shape{out_features()});
       grad_bias_ = Tensor(DType::F32, Shape{out_features()});
-      widen_into(bias, bias_->span<float>(), "bias");
+      detail::widen_into(bias, bias_->span<float>(), "bias");
     }
     init_lora_a<InitialRounding>(a_.span<float>(), rank_, in_features(), config.init, options.init_seed,
                                  options.init_stream);
@@ -136,8 +137,8 @@ class LoraLinear<Quant, Compute, Cpu> {
   void set_adapter_weights(const TensorView& a, const TensorView& b) {
     check(!merged_, "AdapterMerged", "{}: set_adapter_weights on a merged layer; unmerge() first", path_);
     arguments().adapter_factors(a, b, rank_, in_features(), out_features());
-    widen_into(a, a_.span<float>(), "lora_A");
-    widen_into(b, b_.span<float>(), "lora_B");
+    detail::widen_into(a, a_.span<float>(), "lora_A");
+    detail::widen_into(b, b_.span<float>(), "lora_B");
   }
 
   /// Replaces the bias [out] (any float dtype), e.g. a trained one from a PEFT file.
@@ -145,7 +146,7 @@ class LoraLinear<Quant, Compute, Cpu> {
     check(has_bias(), "ShapeMismatch", "{}: set_bias on a layer built without a bias", path_);
     check(!merged_, "AdapterMerged", "{}: set_bias on a merged layer; unmerge() first", path_);
     arguments().bias(bias, out_features());
-    widen_into(bias, bias_->span<float>(), "bias");
+    detail::widen_into(bias, bias_->span<float>(), "bias");
   }
 
   void zero_grad() {
@@ -160,7 +161,7 @@ class LoraLinear<Quant, Compute, Cpu> {
   /// Inference: y = x·W̃ᵀ + b (+ the adapter unless disabled or merged). No dropout.
   void forward(const TensorView& x, const TensorView& y) const {
     const std::int64_t tokens = arguments().input_output(x, in_features(), y, out_features());
-    const std::vector<float> x_float = widen(x);
+    const std::vector<float> x_float = detail::widened(x);
     const Base& weight = merged_ && adapter_enabled_ ? *merged_ : base_;  // disabled: the base alone
     if (!adapter_active()) {
       project(weight, x_float.data(), tokens, nullptr, y);
@@ -180,7 +181,7 @@ class LoraLinear<Quant, Compute, Cpu> {
     LoraActivations saved{Tensor(dtype_of_v<Compute>, x.shape()), Tensor(DType::F32, Shape{tokens, rank_}),
                           DropoutMask{key.value_or(DropoutKey{}), dropout_probability_}};
     std::ranges::copy(x.span<const Compute>(), saved.x.span<Compute>().begin());
-    const std::vector<float> x_float = widen(x);
+    const std::vector<float> x_float = detail::widened(x);
     const std::vector<float> xa = adapter_down(x_float.data(), tokens, saved.dropout);
     std::ranges::copy(xa, saved.xa.span<float>().begin());
     project(base_, x_float.data(), tokens, xa.data(), y);
@@ -198,7 +199,7 @@ class LoraLinear<Quant, Compute, Cpu> {
     check(saved.xa.dtype() == DType::F32 && saved.xa.shape() == Shape{tokens, rank_}, "ShapeMismatch",
           "{}: saved xa is {} {}, expected F32 [{}, {}]: activations from another layer", path_,
           dtype_name(saved.xa.dtype()), saved.xa.shape().to_string(), tokens, rank_);
-    const std::vector<float> dy_float = widen(dy);
+    const std::vector<float> dy_float = detail::widened(dy);
     const float* g = dy_float.data();
     const std::int64_t in = in_features(), out = out_features();
 
@@ -219,32 +220,23 @@ class LoraLinear<Quant, Compute, Cpu> {
       }
     }, threads_);
 
-    // dA += s·gbᵀ·drop(x), and dx = dy·W̃ + s·drop'(gb·A), by columns of the input.
-    std::vector<float> x_dropped = widen(saved.x.view());
+    // dA += s·gbᵀ·drop(x), by columns of the input.
+    std::vector<float> x_dropped = detail::widened(saved.x.view());
     apply_dropout(x_dropped.data(), tokens, saved.dropout);
+    const auto gb_matrix = detail::matrix(gb.data(), tokens, rank_, rank_);
     parallel_for(in, 64, [&](std::int64_t c0, std::int64_t c1) {
-      const std::int64_t width = c1 - c0;
-      const auto gb_matrix = detail::matrix(gb.data(), tokens, rank_, rank_);
-      detail::matrix(grad_a_.span<float>().data() + c0, rank_, width, in).noalias() +=
-          scaling_ * (gb_matrix.transpose() * detail::matrix(x_dropped.data() + c0, tokens, width, in));
-      if (!want_dx) return;
-      std::vector<float> acc(static_cast<std::size_t>(tokens * width));
-      auto acc_matrix = detail::matrix(acc.data(), tokens, width, width);
-      acc_matrix.noalias() = scaling_ * (gb_matrix * detail::matrix(a_data() + c0, rank_, width, in));
-      if (saved.dropout.active()) {
-        for (std::int64_t t = 0; t < tokens; ++t) {
-          for (std::int64_t c = c0; c < c1; ++c) acc[t * width + c - c0] *= saved.dropout.factor(t * in + c);
-        }
-      }
-      const std::int64_t tile_rows = std::min(out, tile_rows_for(width));
-      std::vector<float> tile(static_cast<std::size_t>(tile_rows * width));
-      for (std::int64_t r0 = 0; r0 < out; r0 += tile_rows) {
-        const std::int64_t rows = std::min(tile_rows, out - r0);
-        base_.dequantize_tile(r0, r0 + rows, c0, c1, tile.data(), width);
-        acc_matrix.noalias() += detail::matrix(g + r0, tokens, rows, out) * detail::matrix(tile.data(), rows, width, width);
-      }
-      store_columns(acc.data(), tokens, width, dx, c0);
+      detail::matrix(grad_a_.span<float>().data() + c0, rank_, c1 - c0, in).noalias() +=
+          scaling_ * (gb_matrix.transpose() * detail::matrix(x_dropped.data() + c0, tokens, c1 - c0, in));
     }, threads_);
+    if (!want_dx) return;
+    // dx = dy·W̃ + s·drop'(gb·A).
+    detail::backward_input_frozen<Compute>(base_, g, tokens, dx, threads_, [&](auto& acc, std::int64_t c0, std::int64_t c1) {
+      acc.noalias() = scaling_ * (gb_matrix * detail::matrix(a_data() + c0, rank_, c1 - c0, in));
+      if (!saved.dropout.active()) return;
+      for (std::int64_t t = 0; t < tokens; ++t) {
+        for (std::int64_t c = c0; c < c1; ++c) acc(t, c - c0) *= saved.dropout.factor(t * in + c);
+      }
+    });
   }
 
   /// The dense merged weight W̃ + s·B·A, F32 [out, in] (W̃ as the forward uses it).
@@ -297,15 +289,6 @@ class LoraLinear<Quant, Compute, Cpu> {
   }
 
  private:
-  /// Rows of W̃ dequantized per tile, for tiles `width` floats wide: about
-  /// 2^21 floats (8 MiB). Every GEMM call re-packs its other operand (x or
-  /// the fp32 accumulator, [T, ...]), so tiles must be large for that cost to
-  /// vanish next to the product; 8 MiB per thread is the price.
-  static std::int64_t tile_rows_for(std::int64_t width) noexcept {
-    constexpr std::int64_t tile_floats = std::int64_t{1} << 21;
-    return std::max<std::int64_t>(64, tile_floats / std::max<std::int64_t>(1, width) / 64 * 64);
-  }
-
   /// The config's rank for this layer, after checking that it fits the base (runs before A and B are sized).
   int checked_rank(const LoraConfig& config) const {
     config.validate_for(path_, in_features(), out_features());
@@ -356,49 +339,14 @@ class LoraLinear<Quant, Compute, Cpu> {
     }, threads_);
   }
 
-  /// y = round(x·Wᵀ + b + s·xa·Bᵀ) by tiles of output rows; xa == nullptr: no adapter.
+  /// y = round(x·Wᵀ + b + s·xa·Bᵀ); xa == nullptr: no adapter.
   void project(const Base& weight, const float* x, std::int64_t tokens, const float* xa, const TensorView& y) const {
-    const std::int64_t in = in_features(), out = out_features();
     const float* bias = bias_ ? bias_->view().data<const float>() : nullptr;
-    parallel_for(out, 64, [&](std::int64_t o0, std::int64_t o1) {
-      const std::int64_t tile_rows = std::min(o1 - o0, tile_rows_for(in));
-      std::vector<float> tile(static_cast<std::size_t>(tile_rows * in));
-      std::vector<float> acc(static_cast<std::size_t>(tokens * tile_rows));
-      for (std::int64_t r0 = o0; r0 < o1; r0 += tile_rows) {
-        const std::int64_t rows = std::min(tile_rows, o1 - r0);
-        weight.dequantize_tile(r0, r0 + rows, 0, in, tile.data(), in);
-        auto acc_matrix = detail::matrix(acc.data(), tokens, rows, rows);
-        acc_matrix.noalias() = detail::matrix(x, tokens, in, in) * detail::matrix(tile.data(), rows, in, in).transpose();
-        if (xa != nullptr) {
-          acc_matrix.noalias() += scaling_ * (detail::matrix(xa, tokens, rank_, rank_) *
-                                              detail::matrix(b_data() + r0 * rank_, rows, rank_, rank_).transpose());
-        }
-        if (bias != nullptr) acc_matrix.rowwise() += detail::matrix(bias + r0, 1, rows, rows).row(0);
-        store_columns(acc.data(), tokens, rows, y, r0);
-      }
-    }, threads_);
-  }
-
-  /// Rounds an fp32 [T, width] block into columns [c0, c0 + width) of `out` (Compute [T, n]).
-  static void store_columns(const float* block, std::int64_t tokens, std::int64_t width, const TensorView& out,
-                            std::int64_t c0) {
-    Compute* destination = out.data<Compute>();
-    const std::int64_t n = out.shape()[1];
-    for (std::int64_t t = 0; t < tokens; ++t) {
-      for (std::int64_t c = 0; c < width; ++c) destination[t * n + c0 + c] = from_float<Compute>(block[t * width + c]);
-    }
-  }
-
-  static std::vector<float> widen(const TensorView& values) {
-    std::vector<float> result(static_cast<std::size_t>(values.numel()));
-    widen_into(values, result, "input");
-    return result;
-  }
-  static void widen_into(const TensorView& values, std::span<float> out, std::string_view what) {
-    visit_float_dtype(values.dtype(), [&]<class T>(T) {
-      const auto source = values.span<const T>();
-      for (std::size_t i = 0; i < source.size(); ++i) out[i] = to_float(source[i]);
-    }, what);
+    detail::project_frozen<Compute>(weight, x, tokens, bias, y, threads_, [&](auto& acc, std::int64_t r0, std::int64_t rows) {
+      if (xa == nullptr) return;
+      acc.noalias() += scaling_ * (detail::matrix(xa, tokens, rank_, rank_) *
+                                   detail::matrix(b_data() + r0 * rank_, rows, rank_, rank_).transpose());
+    });
   }
 
   [[nodiscard]] detail::LayerArguments<Compute> arguments() const noexcept { return {path_, Device::cpu}; }
