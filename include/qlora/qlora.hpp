@@ -7,7 +7,11 @@
 #include <qlora/data.hpp>
 #include <qlora/io.hpp>
 #include <qlora/lora.hpp>
+#include <qlora/models.hpp>
+#include <qlora/nn.hpp>
+#include <qlora/optim.hpp>
 #include <qlora/quant.hpp>
+#include <qlora/train.hpp>
 #include <qlora/version.hpp>
 
 #if defined(__CUDACC__) && __has_include(<qlora/cuda.hpp>)
