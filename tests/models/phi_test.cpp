@@ -1,233 +1,84 @@
 // Phi against transformers' PhiForCausalLM + PEFT: tests/reference/phi_model.py
 // built a tiny random-weight Phi (2 layers, hidden 64, 4 heads, partial rotary
-// 0.5), saved it sharded, NF4-quantized every Linear but lm_head with
-// bitsandbytes (double quant, blocksize 64, compute fp32), wrapped it with
-// PEFT's LoRA (r 4, alpha 8, q/k/v/dense/fc1/fc2, modules_to_save lm_head and
-// embed_tokens) and recorded logits, loss and every trainable gradient for a
-// padded batch and a packed row, and a 20-step training curve (bnb AdamW
-// 32-bit, clip 1.0, accumulation 2).
-//
-// Tolerances: both sides compute the same fp32 maths on the same NF4 weights
-// (our quantizer is bit-exact with bitsandbytes), so differences come only
-// from summation order, and fp32 cos/sin/tanh/exp implementations. Those
-// relative errors are ~1e-6 per op; through 2 layers, attention and a
-// softmax they grow to ~1e-5 of the largest value, so we allow 1e-4 relative
-// to each tensor's largest magnitude: a wrong term (a missing scale, a
-// transposed operand, a mask off by one) moves values by O(1) relative.
+// 0.5), saved it sharded (and, through bitsandbytes, as a 4-bit checkpoint),
+// NF4-quantized every Linear but lm_head with bitsandbytes (double quant,
+// blocksize 64, compute fp32), wrapped it with PEFT's LoRA (r 4, alpha 8,
+// q/k/v/dense/fc1/fc2, modules_to_save lm_head and embed_tokens) and recorded
+// logits, loss and every trainable gradient for a padded batch and a packed
+// row, and a 20-step training curve. Tolerances: tests/models/model_fixture.hpp.
 #include <qlora/models/phi.hpp>
-#include <qlora/optim.hpp>
-#include <qlora/train/training_step.hpp>
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include <algorithm>
-#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
 
-#include <qlora/io/safetensors_reader.hpp>
 #include <qlora/io/safetensors_writer.hpp>
 #include <qlora/io/sharded_checkpoint.hpp>
 
+#include "models/model_fixture.hpp"
 #include "support/errors.hpp"
 
 using namespace qlora;
+using test::CaseBatch;
+using test::models_dir;
 
 namespace {
 
-const std::string data_dir = QLORA_TEST_DATA_DIR "/models";
-constexpr std::string_view peft_prefix = "base_model.model.";
-
-const SafetensorsReader& reference() {
-  static const SafetensorsReader reader = SafetensorsReader::open(data_dir + "/tiny_phi_reference.safetensors");
-  return reader;
+const test::ModelFixture& fixture() {
+  static const test::ModelFixture phi("tiny_phi");
+  return phi;
 }
-
-LoraConfig fixture_lora_config() {
-  const auto meta = nlohmann::json::parse(*reference().metadata_value("lora_config"));
-  LoraConfig config;
-  config.r = meta["r"];
-  config.lora_alpha = meta["lora_alpha"];
-  config.target_modules = meta["target_modules"].get<std::vector<std::string>>();
-  config.modules_to_save = meta["modules_to_save"].get<std::vector<std::string>>();
-  return config;
-}
-
-ModelOptions fixture_options() {
-  ModelOptions options;
-  options.lora = fixture_lora_config();
-  options.quantize = {.blocksize = 64, .double_quant = true};
-  options.loss_chunk_tokens = 7;  // not a divisor of any batch: exercises partial chunks
-  return options;
-}
-
-Tensor read_f32(std::string_view name) {
-  const SafetensorsTensor& stored = reference().tensor(name);
-  Tensor out(DType::F32, Shape(std::span<const std::int64_t>(stored.shape)));
-  const std::vector<float> values = stored.read<float>();
-  std::ranges::copy(values, out.span<float>().begin());
-  return out;
-}
-
-/// The adapter the fixture's cases start from, as a PeftAdapter read from the `lora_init.` tensors.
-PeftAdapter initial_adapter(Phi<NF4, float>& model) {
-  PeftAdapter adapter = model.adapter();
-  for (LoraModuleWeights& module : adapter.modules) {
-    module.lora_A = read_f32(fmt::format("lora_init.{}{}.lora_A.weight", peft_prefix, module.path));
-    module.lora_B = read_f32(fmt::format("lora_init.{}{}.lora_B.weight", peft_prefix, module.path));
-  }
-  for (auto& [key, tensor] : adapter.saved_tensors) tensor = read_f32(fmt::format("lora_init.{}{}", peft_prefix, key));
-  return adapter;
-}
+ModelOptions fixture_options() { return fixture().options(); }
 
 /// The fixture's model: quantized on load from the fp32 folder, or (`tiny_phi_bnb4bit`) the
 /// 4-bit weights bitsandbytes stored. The two differ only where our float32 mean of a
 /// tensor's absmax (double quantization's offset) rounds its last bit differently from
 /// torch's reduction order (see quant/double_quant.hpp) — well inside the tolerance.
 Phi<NF4, float> fixture_model(const std::string& folder = "tiny_phi") {
-  Phi<NF4, float> model = Phi<NF4, float>::load(data_dir + "/" + folder, fixture_options());
-  model.load_adapter(initial_adapter(model));
-  return model;
+  return fixture().model<Phi<NF4, float>>(folder, fixture_options());
 }
 
-/// max |a - b| / max |b|.
-double relative_error(std::span<const float> actual, std::span<const float> expected) {
-  REQUIRE(actual.size() == expected.size());
-  double worst = 0, scale = 0;
-  for (std::size_t i = 0; i < actual.size(); ++i) {
-    worst = std::max(worst, std::abs(double(actual[i]) - expected[i]));
-    scale = std::max(scale, std::abs(double(expected[i])));
-  }
-  return scale == 0 ? worst : worst / scale;
-}
-
-constexpr double tolerance = 1e-4;
-
-/// The arrays of fixture case `name`, as a TokenBatch needs them.
-struct CaseBatch {
-  std::vector<std::int32_t> input_ids, labels, position_ids, cu_seqlens;
-  std::int64_t rows = 0, row_length = 0;
-
-  explicit CaseBatch(const std::string& name) {
-    const SafetensorsTensor& ids = reference().tensor(name + ".input_ids");
-    rows = ids.shape[0];
-    row_length = ids.shape[1];
-    input_ids = ids.read<std::int32_t>();
-    labels = reference().tensor(name + ".labels").read<std::int32_t>();
-    position_ids = reference().tensor(name + ".position_ids").read<std::int32_t>();
-    if (reference().find(name + ".cu_seqlens") != nullptr) {
-      cu_seqlens = reference().tensor(name + ".cu_seqlens").read<std::int32_t>();
-    } else {
-      cu_seqlens = attention_segments(reference().tensor(name + ".attention_mask").read<std::int32_t>(), row_length);
-    }
-  }
-  [[nodiscard]] TokenBatch batch() const { return {input_ids, labels, position_ids, cu_seqlens, row_length}; }
-  /// Token positions whose logits transformers defines the same way (not padding).
-  [[nodiscard]] std::vector<bool> real_tokens(const std::string& name) const {
-    if (reference().find(name + ".attention_mask") == nullptr) return std::vector<bool>(input_ids.size(), true);
-    const auto mask = reference().tensor(name + ".attention_mask").read<std::int32_t>();
-    std::vector<bool> real(mask.size());
-    for (std::size_t i = 0; i < mask.size(); ++i) real[i] = mask[i] != 0;
-    return real;
-  }
-};
+// 2 layers x 6 linears x (A, B), embed_tokens, lm_head weight and bias.
+constexpr std::size_t phi_trainable = 2 * 6 * 2 + 3;
 
 }  // namespace
 
-TEST_CASE("Phi loads transformers' checkpoints and matches their logits", "[models][phi]") {
+TEST_CASE("Phi loads transformers' checkpoints and matches their logits and loss", "[models][phi]") {
   // tiny_phi: fp32, sharded, quantized on load; tiny_phi_bnb4bit: one file, stored 4-bit by transformers.
   const std::string folder = GENERATE("tiny_phi", "tiny_phi_bnb4bit");
   INFO(folder);
-  Phi<NF4, float> model = fixture_model(folder);
+  const Phi<NF4, float> model = fixture_model(folder);
   CHECK(model.config().num_hidden_layers == 2);
   CHECK(model.config().rotary_dim() == 8);
-  for (const std::string name : {"padded", "packed"}) {
-    INFO("case " << name);
-    const CaseBatch data(name);
-    const Tensor logits = model.logits(data.batch());
-    const std::vector<float> expected = reference().tensor(name + ".logits").read<float>();
-    const std::vector<bool> real = data.real_tokens(name);
-    const std::int64_t vocab = model.vocab_size();
-    std::vector<float> ours, theirs;
-    for (std::size_t t = 0; t < real.size(); ++t) {
-      if (!real[t]) continue;  // transformers' pad queries see the real keys before them; ours see only pads
-      for (std::int64_t v = 0; v < vocab; ++v) {
-        ours.push_back(logits.span<const float>()[t * vocab + v]);
-        theirs.push_back(expected[t * vocab + v]);
-      }
-    }
-    CHECK(relative_error(ours, theirs) < tolerance);
-  }
+  for (const std::string name : {"padded", "packed"}) test::check_logits_and_loss(fixture(), model, name);
 }
 
 TEST_CASE("Phi's loss and every adapter gradient match PEFT's", "[models][phi]") {
   for (const std::string name : {"padded", "packed"}) {
-    INFO("case " << name);
-    for (const bool checkpointing : {false, true}) {
-      INFO("gradient checkpointing " << checkpointing);
-      ModelOptions options = fixture_options();
-      options.gradient_checkpointing = checkpointing;
-      Phi<NF4, float> run = Phi<NF4, float>::load(data_dir + "/tiny_phi", options);
-      run.load_adapter(initial_adapter(run));
-      const CaseBatch data(name);
-      const TokenBatch batch = data.batch();
-      const std::int64_t count = supervised_targets(batch);
-      const CrossEntropySums sums = run.forward_backward(batch, 1.0f / static_cast<float>(count), 0);
-      CHECK(sums.count == count);
-      const float expected_loss = reference().tensor(name + ".loss").read<float>()[0];
-      CHECK(sums.loss_sum / static_cast<double>(sums.count) == Approx(expected_loss).epsilon(1e-5));
-      const auto parameters = run.trainable_parameters();
-      CHECK(parameters.size() == 2 * 6 * 2 + 3);  // A and B of 6 linears x 2 layers, embed, lm_head weight + bias
-      for (const TrainableParameter& parameter : parameters) {
-        INFO(parameter.name);
-        const Tensor expected = read_f32(fmt::format("{}.grad.{}{}", name, peft_prefix, parameter.name));
-        CHECK(relative_error(parameter.grad.span<const float>(), expected.span<const float>()) < tolerance);
-      }
-    }
+    test::check_gradients<Phi<NF4, float>>(fixture(), "tiny_phi", name, phi_trainable);
   }
 }
 
-TEST_CASE("Twenty QLoRA steps follow torch + peft's loss curve", "[models][phi][training]") {
-  Phi<NF4, float> model = fixture_model();
-  AdamW optimizer(AdamWOptions{});
-  for (const TrainableParameter& parameter : model.trainable_parameters()) {
-    optimizer.add(parameter.name, parameter.value, parameter.grad, parameter.decay);
-  }
-  const std::vector<float> expected = reference().tensor("curve.losses").read<float>();
-  for (std::size_t step = 0; step < expected.size(); ++step) {
-    const CaseBatch first(fmt::format("curve.batch{}", 2 * step)), second(fmt::format("curve.batch{}", 2 * step + 1));
-    const MicroBatch window[] = {{first.batch(), "first"}, {second.batch(), "second"}};
-    const TrainStepResult result = train_step(model, optimizer, window, 1e-3, step, {.max_grad_norm = 1.0});
-    INFO("step " << step);
-    REQUIRE(!result.skipped);
-    // The issue's bar: the same curve within 1e-3 relative.
-    CHECK(result.loss == Approx(expected[step]).epsilon(1e-3));
-  }
-  for (const TrainableParameter& parameter : model.trainable_parameters()) {
-    INFO(parameter.name);
-    const Tensor expected_final = read_f32(fmt::format("curve.final.{}{}", peft_prefix, parameter.name));
-    // 20 Adam steps of lr 1e-3 amplify gradient differences by at most ~lr/eps-free
-    // normalisation; the trained weights agree to 1e-3 of their range.
-    CHECK(relative_error(parameter.value.span<const float>(), expected_final.span<const float>()) < 1e-3);
-  }
+TEST_CASE("Twenty QLoRA steps of Phi follow torch + peft's loss curve", "[models][phi][training]") {
+  test::check_training_curve<Phi<NF4, float>>(fixture(), "tiny_phi");
 }
 
 TEST_CASE("Phi resizes its vocabulary as transformers does", "[models][phi]") {
-  Phi<NF4, float> model = Phi<NF4, float>::load(data_dir + "/tiny_phi", fixture_options());
+  Phi<NF4, float> model = Phi<NF4, float>::load(models_dir + "/tiny_phi", fixture_options());
   CHECK(padded_vocab_size(203, 64) == 256);
   model.resize_token_embeddings(padded_vocab_size(203, 64));
   REQUIRE(model.vocab_size() == 256);
   PeftAdapter adapter = model.adapter();
   for (const auto& [key, tensor] : adapter.saved_tensors) {
     INFO(key);
-    const std::string fixture = key == "model.embed_tokens.weight" ? "resize.embed_tokens" : "resize." + key;
-    const Tensor expected = read_f32(fixture);
-    // transformers draws the new rows from N(mean, 1e-9·Σ): ~3e-5 of a row's scale here.
-    CHECK(relative_error(tensor.span<const float>(), expected.span<const float>()) < 1e-3);
+    const std::string name = key == "model.embed_tokens.weight" ? "resize.embed_tokens" : "resize." + key;
+    // transformers draws the new rows from N(mean, 1e-9·Σ): ~1e-4 of a row's scale here at most.
+    CHECK(test::relative_error(tensor.span<const float>(), fixture().read_f32(name).span<const float>()) < 1e-3);
   }
 }
 
@@ -244,7 +95,7 @@ struct EditedCheckpoint {
       : folder(std::filesystem::temp_directory_path() / fmt::format("qlora_phi_test_{}", name)) {
     std::filesystem::remove_all(folder);
     std::filesystem::create_directories(folder);
-    const ShardedCheckpoint source = ShardedCheckpoint::open(data_dir + "/tiny_phi");
+    const ShardedCheckpoint source = ShardedCheckpoint::open(models_dir + "/tiny_phi");
     std::vector<SafetensorsTensor> tensors;
     for (const SafetensorsReader& shard : source.shards()) {
       for (const SafetensorsTensor& tensor : shard.tensors()) tensors.push_back(tensor);
@@ -253,7 +104,7 @@ struct EditedCheckpoint {
     SafetensorsWriter writer;
     for (const SafetensorsTensor& tensor : tensors) writer.add(tensor);
     writer.write(folder / "model.safetensors");
-    std::ifstream in(data_dir + "/tiny_phi/config.json");
+    std::ifstream in(models_dir + "/tiny_phi/config.json");
     nlohmann::json config = nlohmann::json::parse(in);
     edit_config(config);
     std::ofstream(folder / "config.json") << config.dump(2);
@@ -304,7 +155,7 @@ TEST_CASE("Config and weights that disagree are refused with the tensor named", 
     test::require_error([&] { load(edited.folder); }, "InvalidModelConfig", "num_attention_heads", "\"four\"");
   }
   SECTION("no checkpoint at all") {
-    test::require_error([&] { load(data_dir + "/does_not_exist"); }, "IoError", "does_not_exist");
+    test::require_error([&] { load(models_dir + "/does_not_exist"); }, "IoError", "does_not_exist");
   }
 }
 
@@ -354,8 +205,8 @@ TEST_CASE("The remote-code Phi checkpoint (Wqkv, out_proj) loads to the same mod
   });
   Phi<NF4, float> modern = fixture_model();
   Phi<NF4, float> remote = Phi<NF4, float>::load(edited.folder, fixture_options());
-  remote.load_adapter(initial_adapter(remote));
-  const CaseBatch data("packed");
+  remote.load_adapter(fixture().initial_adapter(remote));
+  const CaseBatch data(fixture(), "packed");
   const Tensor a = modern.logits(data.batch()), b = remote.logits(data.batch());
   // The same tensors under other names, quantized the same way: identical logits.
   CHECK(std::ranges::equal(a.span<const float>(), b.span<const float>()));

@@ -3,7 +3,7 @@
 // block-diagonal causal mask (GQA through transformers' repeat_kv) and recorded
 // out, the logsumexp of the masked scaled scores and the autograd gradients
 // dq, dk, dv, for one sequence (head_dim 80), a packed row of sequences 5, 1, 9
-// with GQA 4:1, and a packed row 3, 1, 196 (longer than our 64 x 128 tiles).
+// with GQA 4:1, and a packed row 3, 1, 196 (longer than our 128 x 128 tiles).
 //
 // Tolerance: both sides compute the same fp32 quantities but sum in different
 // orders (torch: whole rows; here: an online softmax over key tiles, and
@@ -13,20 +13,17 @@
 // below ~2e-6 (measured: at most 1.6e-6, in dv of long_gqa), and 1e-5 + 1e-5·|ref|
 // leaves room for another compiler or SIMD width. A masking, scaling, GQA or
 // sequence-boundary mistake errs by O(0.1) or more.
-#include <qlora/nn/attention.hpp>
-
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <string>
-#include <vector>
-
+#include <nlohmann/json.hpp>
 #include <qlora/core/tensor.hpp>
 #include <qlora/io/safetensors_reader.hpp>
+#include <qlora/nn/attention.hpp>
+#include <string>
+#include <vector>
 
 #include "support/errors.hpp"
 
@@ -144,7 +141,7 @@ TEST_CASE("attention: cached forward gives the newest rows of the causal forward
       require_close(out.view(), token_rows(ref.view(), 16 - n, n).view(), "cached out");
     }
   }
-  SECTION("GQA, 70 new tokens over a cache of 196 (two query tiles, two key tiles)") {
+  SECTION("GQA, 70 new tokens over a cache of 196 (two key tiles)") {
     const Case c = load_case("long_gqa");  // the third sequence is tokens [4, 200)
     const Tensor q = token_rows(c.q.view(), 130, 70);
     const Tensor k = token_rows(c.k.view(), 4, 196);
@@ -161,7 +158,9 @@ TEST_CASE("attention: bad input is refused", "[nn][attention]") {
   const std::vector<std::int32_t> cu{0, 2, 6};
   const float scale = 0.5f;
   const auto forward = [&](std::vector<std::int32_t> cu_seqlens) {
-    return [&, cu_seqlens] { (void)causal_attention_forward(q.view(), k.view(), v.view(), cu_seqlens, scale, out.view()); };
+    return [&, cu_seqlens] {
+      (void)causal_attention_forward(q.view(), k.view(), v.view(), cu_seqlens, scale, out.view());
+    };
   };
 
   SECTION("cu_seqlens") {
@@ -173,30 +172,39 @@ TEST_CASE("attention: bad input is refused", "[nn][attention]") {
   }
   SECTION("shapes") {
     Tensor q6(DType::F32, Shape{6, 6, 8}), out6(DType::F32, Shape{6, 6, 8}), k4(DType::F32, Shape{6, 4, 8});
-    test::require_error([&] { (void)causal_attention_forward(q6.view(), k4.view(), k4.view(), cu, scale, out6.view()); },
-                        "ShapeMismatch", "6 query heads", "not a multiple of 4 kv heads");
+    test::require_error(
+        [&] { (void)causal_attention_forward(q6.view(), k4.view(), k4.view(), cu, scale, out6.view()); },
+        "ShapeMismatch", "6 query heads", "not a multiple of 4 kv heads");
     Tensor k_short(DType::F32, Shape{5, 2, 8});
-    test::require_error([&] { (void)causal_attention_forward(q.view(), k_short.view(), k_short.view(), cu, scale, out.view()); },
-                        "ShapeMismatch", "k is [5, 2, 8], expected [6, 2, 8]");
+    test::require_error(
+        [&] { (void)causal_attention_forward(q.view(), k_short.view(), k_short.view(), cu, scale, out.view()); },
+        "ShapeMismatch", "k is [5, 2, 8], expected [6, 2, 8]");
     Tensor k_dim(DType::F32, Shape{6, 2, 4});
-    test::require_error([&] { (void)causal_attention_forward(q.view(), k_dim.view(), v.view(), cu, scale, out.view()); },
-                        "ShapeMismatch", "k is [6, 2, 4], expected [tokens, kv_heads, 8]");
+    test::require_error(
+        [&] { (void)causal_attention_forward(q.view(), k_dim.view(), v.view(), cu, scale, out.view()); },
+        "ShapeMismatch", "k is [6, 2, 4], expected [tokens, kv_heads, 8]");
     Tensor v_heads(DType::F32, Shape{6, 1, 8});
-    test::require_error([&] { (void)causal_attention_forward(q.view(), k.view(), v_heads.view(), cu, scale, out.view()); },
-                        "ShapeMismatch", "v is [6, 1, 8], expected [6, 2, 8]");
+    test::require_error(
+        [&] { (void)causal_attention_forward(q.view(), k.view(), v_heads.view(), cu, scale, out.view()); },
+        "ShapeMismatch", "v is [6, 1, 8], expected [6, 2, 8]");
     Tensor q2(DType::F32, Shape{6, 32});
     test::require_error([&] { (void)causal_attention_forward(q2.view(), k.view(), v.view(), cu, scale, out.view()); },
                         "ShapeMismatch", "q is [6, 32]");
     Tensor out_small(DType::F32, Shape{6, 2, 8});
-    test::require_error([&] { (void)causal_attention_forward(q.view(), k.view(), v.view(), cu, scale, out_small.view()); },
-                        "ShapeMismatch", "out is [6, 2, 8], expected [6, 4, 8]");
+    test::require_error(
+        [&] { (void)causal_attention_forward(q.view(), k.view(), v.view(), cu, scale, out_small.view()); },
+        "ShapeMismatch", "out is [6, 2, 8], expected [6, 4, 8]");
   }
   SECTION("dtype and scale") {
     Tensor q_bf16(DType::BF16, Shape{6, 4, 8});
-    test::require_error([&] { (void)causal_attention_forward(q_bf16.view(), k.view(), v.view(), cu, scale, out.view()); },
-                        "DTypeMismatch", "q is BF16");
     test::require_error(
-        [&] { (void)causal_attention_forward(q.view(), k.view(), v.view(), cu, std::numeric_limits<float>::quiet_NaN(), out.view()); },
+        [&] { (void)causal_attention_forward(q_bf16.view(), k.view(), v.view(), cu, scale, out.view()); },
+        "DTypeMismatch", "q is BF16");
+    test::require_error(
+        [&] {
+          (void)causal_attention_forward(q.view(), k.view(), v.view(), cu, std::numeric_limits<float>::quiet_NaN(),
+                                         out.view());
+        },
         "InvalidArgument", "scale");
   }
   SECTION("backward arguments") {
@@ -204,14 +212,23 @@ TEST_CASE("attention: bad input is refused", "[nn][attention]") {
     Tensor dq(DType::F32, q.shape()), dk(DType::F32, k.shape()), dv(DType::F32, v.shape());
     Tensor dk_wide(DType::F32, Shape{6, 4, 8});
     test::require_error(
-        [&] { causal_attention_backward(q.view(), k.view(), v.view(), out.view(), saved, cu, scale, out.view(), dq.view(), dk_wide.view(), dv.view()); },
+        [&] {
+          causal_attention_backward(q.view(), k.view(), v.view(), out.view(), saved, cu, scale, out.view(), dq.view(),
+                                    dk_wide.view(), dv.view());
+        },
         "ShapeMismatch", "dk is [6, 4, 8], expected [6, 2, 8]");
     const AttentionSaved none;
     test::require_error(
-        [&] { causal_attention_backward(q.view(), k.view(), v.view(), out.view(), none, cu, scale, out.view(), dq.view(), dk.view(), dv.view()); },
+        [&] {
+          causal_attention_backward(q.view(), k.view(), v.view(), out.view(), none, cu, scale, out.view(), dq.view(),
+                                    dk.view(), dv.view());
+        },
         "ShapeMismatch", "saved.logsumexp");
     test::require_error(
-        [&] { causal_attention_backward(q.view(), k.view(), v.view(), out.view(), saved, std::vector<std::int32_t>{0, 6, 7}, scale, out.view(), dq.view(), dk.view(), dv.view()); },
+        [&] {
+          causal_attention_backward(q.view(), k.view(), v.view(), out.view(), saved, std::vector<std::int32_t>{0, 6, 7},
+                                    scale, out.view(), dq.view(), dk.view(), dv.view());
+        },
         "InvalidCuSeqlens", "ends at 7");
   }
   SECTION("cached forward") {

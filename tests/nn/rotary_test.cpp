@@ -11,18 +11,15 @@
 // values ≤ 1) moves y by at most (|x1| + |x2|)·2^-24, and that can flip the
 // final rounding by one ulp of y: a bound of (|x1| + |x2| + |y|)·2^-23 per
 // element. A wrong pairing, sign or frequency errs by order |x|.
-#include <qlora/nn/rotary.hpp>
-
 #include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
-
 #include <cmath>
 #include <cstdint>
-#include <string>
-#include <vector>
-
+#include <nlohmann/json.hpp>
 #include <qlora/core/tensor.hpp>
 #include <qlora/io/safetensors_reader.hpp>
+#include <qlora/nn/rotary.hpp>
+#include <string>
+#include <vector>
 
 #include "support/errors.hpp"
 
@@ -36,9 +33,7 @@ const SafetensorsReader& fixture() {
   return reader;
 }
 
-json case_metadata(const std::string& name) {
-  return json::parse(std::string(*fixture().metadata_value(name)));
-}
+json case_metadata(const std::string& name) { return json::parse(std::string(*fixture().metadata_value(name))); }
 
 Tensor load(const std::string& name) {
   const SafetensorsTensor& stored = fixture().tensor(name);
@@ -62,7 +57,8 @@ RotaryConfig config_of(const json& meta) {
   return config;
 }
 
-/// |ours - ref| ≤ (|x1| + |x2| + |ref|)·2^-23 for each rotated element (see the header comment); pass-through dims exact.
+/// |ours - ref| ≤ (|x1| + |x2| + |ref|)·2^-23 for each rotated element (see the header comment); pass-through dims
+/// exact.
 void require_rotation_matches(const TensorView& ours, const TensorView& ref, const TensorView& input, int rotary_dim,
                               double relative = std::ldexp(1.0, -23)) {
   const auto a = ours.span<const float>();
@@ -169,10 +165,16 @@ TEST_CASE("rotary: bad input is refused", "[nn][rotary]") {
   const RotaryEmbedding rope(RotaryConfig{.head_dim = 8, .rotary_dim = 4});
   Tensor x(DType::F32, Shape{3, 2, 8});
   const std::vector<std::int32_t> positions{0, 1, 2};
-  test::require_error([&] { rope.apply(x.view(), std::vector<std::int32_t>{0, -1, 2}, 3); }, "InvalidPositionIds",
-                      "position -1 of token 1");
-  test::require_error([&] { rope.apply(x.view(), std::vector<std::int32_t>{0, 1}, 3); }, "ShapeMismatch",
-                      "2 positions for 3 tokens");
+  test::require_error(
+      [&] {
+        rope.apply(x.view(), std::vector<std::int32_t>{0, -1, 2}, 3);
+      },
+      "InvalidPositionIds", "position -1 of token 1");
+  test::require_error(
+      [&] {
+        rope.apply(x.view(), std::vector<std::int32_t>{0, 1}, 3);
+      },
+      "ShapeMismatch", "2 positions for 3 tokens");
   Tensor wrong_dim(DType::F32, Shape{3, 2, 6});
   test::require_error([&] { rope.apply(wrong_dim.view(), positions, 3); }, "ShapeMismatch", "x is [3, 2, 6]",
                       "[tokens, heads, 8]");
@@ -186,7 +188,6 @@ TEST_CASE("rotary: bad input is refused", "[nn][rotary]") {
                       "rotary_dim 10");
   test::require_error([] { RotaryEmbedding(RotaryConfig{.head_dim = 8, .rotary_dim = 8, .theta = -1.0}); },
                       "InvalidArgument", "theta");
-  test::require_error(
-      [] { RotaryEmbedding(RotaryConfig{.head_dim = 8, .rotary_dim = 8, .dynamic_ntk_factor = 0.5}); },
-      "InvalidArgument", "dynamic_ntk_factor 0.5");
+  test::require_error([] { RotaryEmbedding(RotaryConfig{.head_dim = 8, .rotary_dim = 8, .dynamic_ntk_factor = 0.5}); },
+                      "InvalidArgument", "dynamic_ntk_factor 0.5");
 }

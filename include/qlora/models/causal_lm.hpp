@@ -6,6 +6,8 @@
 //
 //   * loading: config, then every tensor from the checkpoint by the
 //     architecture's names, then a check that nothing was left unexplained;
+//   * generation: decode, token by token through a KvCache (each
+//     architecture's layer_decode);
 //   * training: forward through the layers keeping what backward needs (or,
 //     with gradient checkpointing, only each layer's input, recomputing the
 //     layer in backward), the chunked lm_head cross-entropy with transformers'
@@ -25,6 +27,7 @@
 #include <qlora/lora/lora_config.hpp>
 #include <qlora/lora/peft_adapter.hpp>
 #include <qlora/models/checkpoint_tensors.hpp>
+#include <qlora/models/kv_cache.hpp>
 #include <qlora/models/linear_module.hpp>
 #include <qlora/models/token_batch.hpp>
 #include <qlora/models/trainable_parameter.hpp>
@@ -36,6 +39,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <vector>
@@ -122,7 +126,7 @@ class CausalLm {
     batch.validate();
     check(!batch.labels.empty(), "InvalidBatch", "forward_backward needs labels");
     const bool keep = !options_.gradient_checkpointing;
-    Tensor h = embed(batch);
+    Tensor h = embed(batch.input_ids);
     std::vector<LayerState> states(layers_.size());
     for (std::size_t i = 0; i < layers_.size(); ++i) {
       states[i].input = std::move(h);
@@ -163,6 +167,33 @@ class CausalLm {
     batch.validate();
     const Tensor u = final_hidden(batch);
     Tensor out(DType::F32, Shape{batch.tokens(), vocab_size()});
+    lm_head_logits(u.view(), weights_.lm_head_weight.view(), weights_.lm_head_bias.view(), out.view(), threads());
+    return out;
+  }
+
+  /// Generation: logits F32 [n, vocab] of the n ≥ 1 `new_tokens`, which follow
+  /// the cache's tokens (positions cache.size(), ...; a prompt is one call with
+  /// all its tokens, then one call per generated token). Appends their keys and
+  /// values to `cache` through Architecture::layer_decode; a call that throws
+  /// leaves the cache as it was.
+  [[nodiscard]] Tensor decode(std::span<const std::int32_t> new_tokens, KvCache& cache) const {
+    check(!new_tokens.empty(), "InvalidArgument", "decode needs at least one new token");
+    const auto n = static_cast<std::int64_t>(new_tokens.size());
+    std::vector<std::int32_t> positions(new_tokens.size());
+    std::iota(positions.begin(), positions.end(), static_cast<std::int32_t>(cache.size()));
+    Tensor h = embed(new_tokens);
+    try {
+      for (std::size_t i = 0; i < layers_.size(); ++i) {
+        h = Architecture::layer_decode(config_, layers_[i], h, positions, cache.layer(i), context(i, std::nullopt));
+      }
+      cache.commit(new_tokens);
+    } catch (...) {
+      cache.truncate(cache.size());  // drops the rows the failed step wrote
+      throw;
+    }
+    Tensor u(DType::F32, h.shape());
+    (void)Architecture::final_norm_forward(config_, weights_, h.view(), u.view(), threads());
+    Tensor out(DType::F32, Shape{n, vocab_size()});
     lm_head_logits(u.view(), weights_.lm_head_weight.view(), weights_.lm_head_bias.view(), out.view(), threads());
     return out;
   }
@@ -253,7 +284,7 @@ class CausalLm {
   CausalLm(Config config, const ModelOptions& options) : config_(std::move(config)), options_(options) {}
 
   [[nodiscard]] unsigned threads() const noexcept { return options_.threads; }
-  [[nodiscard]] bool has_lm_head_bias() const noexcept { return weights_.lm_head_bias.numel() > 0; }
+  [[nodiscard]] bool has_lm_head_bias() const noexcept { return weights_.lm_head_bias.view().raw_data() != nullptr; }
   [[nodiscard]] static std::string embed_key() { return std::string(Architecture::embed_path) + ".weight"; }
   [[nodiscard]] static std::string lm_head_key(std::string_view suffix) {
     return std::string(Architecture::lm_head_path) + std::string(suffix);
@@ -292,15 +323,15 @@ class CausalLm {
     }
   }
 
-  [[nodiscard]] Tensor embed(const TokenBatch& batch) const {
-    Tensor h(DType::F32, Shape{batch.tokens(), hidden_size()});
-    embedding_forward(weights_.embed_tokens.view(), batch.input_ids, h.view(), threads());
+  [[nodiscard]] Tensor embed(std::span<const std::int32_t> ids) const {
+    Tensor h(DType::F32, Shape{static_cast<std::int64_t>(ids.size()), hidden_size()});
+    embedding_forward(weights_.embed_tokens.view(), ids, h.view(), threads());
     return h;
   }
 
   /// The final norm's output for every token (inference path).
   [[nodiscard]] Tensor final_hidden(const TokenBatch& batch) const {
-    Tensor h = embed(batch);
+    Tensor h = embed(batch.input_ids);
     for (std::size_t i = 0; i < layers_.size(); ++i) {
       LayerState state;
       state.input = std::move(h);

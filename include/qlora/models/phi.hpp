@@ -10,7 +10,9 @@
 // then final_layernorm and lm_head (with bias). Rotary covers the first
 // int(head_dim · partial_rotary_factor) dims of a head (NeoX rotate_half).
 // Attention is causal within each segment of TokenBatch::cu_seqlens, so a
-// packed row never attends across samples.
+// packed row never attends across samples. Generation (layer_decode) runs
+// the same pieces on the newest tokens, their attention reading the keys and
+// values of the earlier ones from a KvCache.
 //
 // Checkpoints in transformers' names load, and so do the remote-code ones of
 // the Dec-2023 tutorials (transformer.h.{i}.mixer.Wqkv …, design note §4.4):
@@ -19,6 +21,7 @@
 #pragma once
 
 #include <qlora/models/causal_lm.hpp>
+#include <qlora/models/kv_cache.hpp>
 #include <qlora/models/phi_config.hpp>
 #include <qlora/nn/activations.hpp>
 #include <qlora/nn/attention.hpp>
@@ -28,6 +31,7 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <span>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -146,54 +150,47 @@ struct PhiArchitecture {
   template <class Linear>
   static Tensor layer_forward(const Config& config, const Layer<Linear>& layer, const TokenBatch& batch,
                               const LayerContext& context, LayerState<Linear>& state, bool keep) {
-    const std::int64_t tokens = batch.tokens();
     const bool training = context.step.has_value() && keep;
-    const auto slot = [&](std::optional<LoraActivations>& saved) { return training ? &saved : nullptr; };
-    const unsigned threads = context.threads;
-
-    Tensor u(DType::F32, state.input.shape());
-    state.norm = layer_norm_forward(state.input.view(), layer.norm_weight.view(), layer.norm_bias.view(),
-                                    static_cast<float>(config.layer_norm_eps), u.view(), threads);
-    Tensor q = layer.q_proj->forward_f32(u.view(), slot(state.q_proj), context.lora_key(0));
-    Tensor k = layer.k_proj->forward_f32(u.view(), slot(state.k_proj), context.lora_key(1));
-    Tensor v = layer.v_proj->forward_f32(u.view(), slot(state.v_proj), context.lora_key(2));
-    const Shape q_heads = heads(config, tokens, config.num_attention_heads);
-    const Shape kv_heads = heads(config, tokens, config.num_key_value_heads);
-    layer.rotary->apply(detail::reshaped(q, q_heads), batch.position_ids, batch.rope_length(), threads);
-    layer.rotary->apply(detail::reshaped(k, kv_heads), batch.position_ids, batch.rope_length(), threads);
-    Tensor context_values(DType::F32, Shape{tokens, config.hidden_size});
+    LayerState<Linear>* saved = training ? &state : nullptr;
+    const Tensor u = input_norm(config, layer, state.input, context, saved);
+    QueryKeyValue qkv = query_key_value(config, layer, u, batch.position_ids, batch.rope_length(), context, saved);
+    const Shape q_heads = heads(config, batch.tokens(), config.num_attention_heads);
+    const Shape kv_heads = heads(config, batch.tokens(), config.num_key_value_heads);
+    Tensor context_values(DType::F32, Shape{batch.tokens(), config.hidden_size});
     AttentionSaved attention =
-        causal_attention_forward(detail::reshaped(q, q_heads), detail::reshaped(k, kv_heads),
-                                 detail::reshaped(v, kv_heads), batch.cu_seqlens, attention_scale(config),
-                                 detail::reshaped(context_values, q_heads), threads);
-    const Tensor attention_out = layer.dense->forward_f32(context_values.view(), slot(state.dense), context.lora_key(3));
-
-    Tensor fc1_out = layer.fc1->forward_f32(u.view(), slot(state.fc1), context.lora_key(4));
-    Tensor activated(DType::F32, fc1_out.shape());
-    gelu_new_forward(fc1_out.view(), activated.view(), threads);
-    const Tensor mlp_out = layer.fc2->forward_f32(activated.view(), slot(state.fc2), context.lora_key(5));
-
-    Tensor out(DType::F32, state.input.shape());
-    const DropoutMask attention_drop = context.mask(attention_residual_site, config.resid_pdrop);
-    const DropoutMask mlp_drop = context.mask(mlp_residual_site, config.resid_pdrop);
-    const auto h = state.input.template span<const float>();
-    const auto a = attention_out.span<const float>(), m = mlp_out.span<const float>();
-    const auto result = out.span<float>();
-    parallel_for(static_cast<std::int64_t>(result.size()), 1 << 14, [&](std::int64_t i0, std::int64_t i1) {
-      for (std::int64_t i = i0; i < i1; ++i) {
-        const auto e = static_cast<std::uint64_t>(i);
-        result[i] = h[i] + a[i] * attention_drop.factor(e) + m[i] * mlp_drop.factor(e);
-      }
-    }, threads);
+        causal_attention_forward(detail::reshaped(qkv.query, q_heads), detail::reshaped(qkv.key, kv_heads),
+                                 detail::reshaped(qkv.value, kv_heads), batch.cu_seqlens, attention_scale(config),
+                                 detail::reshaped(context_values, q_heads), context.threads);
+    Tensor out = block_output(config, layer, state.input, u, context_values, context, saved);
     if (training) {
-      state.query = std::move(q);
-      state.key = std::move(k);
-      state.value = std::move(v);
+      state.query = std::move(qkv.query);
+      state.key = std::move(qkv.key);
+      state.value = std::move(qkv.value);
       state.context = std::move(context_values);
       state.attention = std::move(attention);
-      state.fc1_out = std::move(fc1_out);
     }
     return out;
+  }
+
+  /// One layer's generation step: h F32 [n, H] of the n newest tokens, at
+  /// `positions` (consecutive, after the cached ones); their rotated keys and
+  /// values join `cache`, and their queries attend to every cached row.
+  template <class Linear>
+  static Tensor layer_decode(const Config& config, const Layer<Linear>& layer, const Tensor& h,
+                             std::span<const std::int32_t> positions, KvCache::Slot cache,
+                             const LayerContext& context) {
+    const std::int64_t tokens = h.shape()[0];
+    const Tensor u = input_norm(config, layer, h, context, nullptr);
+    // The row's length, for dynamic NTK, is max(position) + 1, as transformers takes it.
+    const QueryKeyValue qkv =
+        query_key_value(config, layer, u, positions, std::int64_t{positions.back()} + 1, context, nullptr);
+    const Shape q_heads = heads(config, tokens, config.num_attention_heads);
+    const Shape kv_heads = heads(config, tokens, config.num_key_value_heads);
+    const KvCache::Rows cached = cache.append(detail::reshaped(qkv.key, kv_heads), detail::reshaped(qkv.value, kv_heads));
+    Tensor context_values(DType::F32, Shape{tokens, config.hidden_size});
+    cached_attention_forward(detail::reshaped(qkv.query, q_heads), cached.key, cached.value, attention_scale(config),
+                             detail::reshaped(context_values, q_heads), context.threads);
+    return block_output(config, layer, h, u, context_values, context, nullptr);
   }
 
   /// One layer's backward: dh_out → dh_in.
@@ -235,6 +232,75 @@ struct PhiArchitecture {
   }
 
  private:
+  /// q, k, v F32 [T, heads · head_dim], q and k rotated.
+  struct QueryKeyValue {
+    Tensor query, key, value;
+  };
+
+  /// The layer's LayerNorm of h (its statistics kept in `saved` when training).
+  template <class Linear>
+  static Tensor input_norm(const Config& config, const Layer<Linear>& layer, const Tensor& h,
+                           const LayerContext& context, LayerState<Linear>* saved) {
+    Tensor u(DType::F32, h.shape());
+    const NormStatistics stats = layer_norm_forward(h.view(), layer.norm_weight.view(), layer.norm_bias.view(),
+                                                    static_cast<float>(config.layer_norm_eps), u.view(), context.threads);
+    if (saved != nullptr) saved->norm = stats;
+    return u;
+  }
+
+  /// q/k/v_proj of u, then rotary on q and k at `positions` of a row of `rope_length` tokens.
+  template <class Linear>
+  static QueryKeyValue query_key_value(const Config& config, const Layer<Linear>& layer, const Tensor& u,
+                                       std::span<const std::int32_t> positions, std::int64_t rope_length,
+                                       const LayerContext& context, LayerState<Linear>* saved) {
+    const std::int64_t tokens = u.shape()[0];
+    QueryKeyValue qkv{layer.q_proj->forward_f32(u.view(), activations(saved, &LayerState<Linear>::q_proj), context.lora_key(0)),
+                      layer.k_proj->forward_f32(u.view(), activations(saved, &LayerState<Linear>::k_proj), context.lora_key(1)),
+                      layer.v_proj->forward_f32(u.view(), activations(saved, &LayerState<Linear>::v_proj), context.lora_key(2))};
+    layer.rotary->apply(detail::reshaped(qkv.query, heads(config, tokens, config.num_attention_heads)), positions,
+                        rope_length, context.threads);
+    layer.rotary->apply(detail::reshaped(qkv.key, heads(config, tokens, config.num_key_value_heads)), positions,
+                        rope_length, context.threads);
+    return qkv;
+  }
+
+  /// h + drop(dense(attention context)) + drop(fc2(gelu_new(fc1 u))): the layer's output
+  /// (fc1's output kept in `saved` when training).
+  template <class Linear>
+  static Tensor block_output(const Config& config, const Layer<Linear>& layer, const Tensor& h, const Tensor& u,
+                             const Tensor& context_values, const LayerContext& context, LayerState<Linear>* saved) {
+    const unsigned threads = context.threads;
+    const Tensor attention_out =
+        layer.dense->forward_f32(context_values.view(), activations(saved, &LayerState<Linear>::dense), context.lora_key(3));
+    Tensor fc1_out = layer.fc1->forward_f32(u.view(), activations(saved, &LayerState<Linear>::fc1), context.lora_key(4));
+    Tensor activated(DType::F32, fc1_out.shape());
+    gelu_new_forward(fc1_out.view(), activated.view(), threads);
+    const Tensor mlp_out =
+        layer.fc2->forward_f32(activated.view(), activations(saved, &LayerState<Linear>::fc2), context.lora_key(5));
+
+    Tensor out(DType::F32, h.shape());
+    const DropoutMask attention_drop = context.mask(attention_residual_site, config.resid_pdrop);
+    const DropoutMask mlp_drop = context.mask(mlp_residual_site, config.resid_pdrop);
+    const auto input = h.span<const float>();
+    const auto a = attention_out.span<const float>(), m = mlp_out.span<const float>();
+    const auto result = out.span<float>();
+    parallel_for(static_cast<std::int64_t>(result.size()), 1 << 14, [&](std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t i = i0; i < i1; ++i) {
+        const auto e = static_cast<std::uint64_t>(i);
+        result[i] = input[i] + a[i] * attention_drop.factor(e) + m[i] * mlp_drop.factor(e);
+      }
+    }, threads);
+    if (saved != nullptr) saved->fc1_out = std::move(fc1_out);
+    return out;
+  }
+
+  /// Where a linear's training forward keeps its activations: `member` of `saved`, or nowhere at inference.
+  template <class Linear>
+  static std::optional<LoraActivations>* activations(LayerState<Linear>* saved,
+                                                     std::optional<LoraActivations> LayerState<Linear>::*member) {
+    return saved != nullptr ? &(saved->*member) : nullptr;
+  }
+
   static Shape heads(const Config& config, std::int64_t tokens, int count) {
     return Shape{tokens, count, config.head_dim()};
   }

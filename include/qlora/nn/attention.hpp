@@ -10,7 +10,7 @@
 // kv_heads), as transformers' repeat_kv does; dk and dv sum over the group.
 //
 // Why this shape of computation: the score matrix is never materialised per
-// sequence — tiles of 64 queries x 128 keys with an online softmax keep each
+// sequence — tiles of 128 queries x 128 keys with an online softmax keep each
 // thread's memory O(tile²) (detail/attention_tiles.hpp), every product is an
 // Eigen GEMM, and work items (sequence, head, query tile) in the forward and
 // (sequence, head) in the backward are handed out to threads largest first,
@@ -22,6 +22,10 @@
 // queries against a KV cache whose last n rows are those tokens.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <qlora/core/error.hpp>
 #include <qlora/core/parallel.hpp>
 #include <qlora/core/tensor.hpp>
@@ -29,11 +33,6 @@
 #include <qlora/nn/detail/attention_tiles.hpp>
 #include <qlora/nn/detail/f32_arguments.hpp>
 #include <qlora/nn/detail/row_reduction.hpp>
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -86,8 +85,7 @@ inline void check_cu_seqlens(std::string_view op, std::span<const std::int32_t> 
 }
 
 inline void check_scale(std::string_view op, float scale) {
-  check(std::isfinite(scale) && scale > 0.0f, "InvalidArgument", "{}: scale {} must be positive and finite", op,
-        scale);
+  check(std::isfinite(scale) && scale > 0.0f, "InvalidArgument", "{}: scale {} must be positive and finite", op, scale);
 }
 
 /// A thread is worth starting for about this many multiply-adds of attention work.
@@ -100,8 +98,8 @@ template <class MakeScratch, class Body>
 void for_each_attention_item(std::int64_t count, std::int64_t total_work, MakeScratch&& make_scratch, Body&& body,
                              unsigned threads) {
   const std::int64_t useful = std::max<std::int64_t>(1, total_work / attention_work_per_thread);
-  const auto workers = static_cast<unsigned>(std::clamp<std::int64_t>(std::min<std::int64_t>(count, useful), 1,
-                                                                      std::max(1u, threads)));
+  const auto workers =
+      static_cast<unsigned>(std::clamp<std::int64_t>(std::min<std::int64_t>(count, useful), 1, std::max(1u, threads)));
   std::atomic<std::int64_t> next{0};
   parallel_for(
       workers, 1,
@@ -114,7 +112,7 @@ void for_each_attention_item(std::int64_t count, std::int64_t total_work, MakeSc
 
 /// One query tile of one head of one sequence: a forward work item.
 struct AttentionTile {
-  std::int64_t first_token;  ///< the sequence's first token (or 0 for a KV cache)
+  std::int64_t first_token;  ///< the sequence's first token
   std::int64_t tokens;       ///< the sequence's queries
   std::int64_t first_query;  ///< the tile's first query, relative to first_token
   int head;
@@ -132,7 +130,8 @@ inline std::vector<AttentionTile> attention_tiles(std::span<const std::int32_t> 
     }
   }
   std::stable_sort(tiles.begin(), tiles.end(), [](const AttentionTile& a, const AttentionTile& b) {
-    return std::min(a.first_query + attention_query_tile, a.tokens) > std::min(b.first_query + attention_query_tile, b.tokens);
+    return std::min(a.first_query + attention_query_tile, a.tokens) >
+           std::min(b.first_query + attention_query_tile, b.tokens);
   });
   return tiles;
 }
@@ -163,7 +162,9 @@ inline AttentionSaved causal_attention_forward(const TensorView& q, const Tensor
 
   const std::vector<detail::AttentionTile> tiles = detail::attention_tiles(cu_seqlens, shape.query_heads);
   std::int64_t work = 0;
-  for (const auto& tile : tiles) work += std::min(detail::attention_query_tile, tile.tokens - tile.first_query) * (tile.first_query + detail::attention_query_tile) * d;
+  for (const auto& tile : tiles)
+    work += std::min(detail::attention_query_tile, tile.tokens - tile.first_query) *
+            (tile.first_query + detail::attention_query_tile) * d;
   detail::for_each_attention_item(
       static_cast<std::int64_t>(tiles.size()), work, [d] { return detail::AttentionForwardScratch(d); },
       [&](std::int64_t item, detail::AttentionForwardScratch& scratch) {
@@ -172,7 +173,11 @@ inline AttentionSaved causal_attention_forward(const TensorView& q, const Tensor
         const detail::HeadSlices head{q_data + tile.first_token * q_stride + tile.head * d,
                                       k_data + tile.first_token * kv_stride + kv_head * d,
                                       v_data + tile.first_token * kv_stride + kv_head * d,
-                                      q_stride, kv_stride, tile.tokens, tile.tokens, d};
+                                      q_stride,
+                                      kv_stride,
+                                      tile.tokens,
+                                      tile.tokens,
+                                      d};
         const std::int64_t row = tile.first_token + tile.first_query;
         detail::attention_forward_tile(head, tile.first_query,
                                        std::min(detail::attention_query_tile, tile.tokens - tile.first_query), scale,
@@ -228,7 +233,8 @@ inline void causal_attention_backward(const TensorView& q, const TensorView& k, 
     for (int head = 0; head < shape.query_heads; ++head) items.push_back({cu_seqlens[s], length, head});
     work += shape.query_heads * length * length * d;
   }
-  std::stable_sort(items.begin(), items.end(), [](const HeadItem& a, const HeadItem& b) { return a.tokens > b.tokens; });
+  std::stable_sort(items.begin(), items.end(),
+                   [](const HeadItem& a, const HeadItem& b) { return a.tokens > b.tokens; });
 
   const auto* q_data = q.data<const float>();
   const auto* k_data = k.data<const float>();
@@ -245,13 +251,13 @@ inline void causal_attention_backward(const TensorView& q, const TensorView& k, 
         const std::int64_t q_offset = item.first_token * q_stride + item.head * d;
         const std::int64_t kv_offset = item.first_token * kv_stride + kv_head * d;
         const std::int64_t target_offset = item.first_token * target_stride + (group > 1 ? item.head : kv_head) * d;
-        const detail::HeadSlices head{q_data + q_offset, k_data + kv_offset, v_data + kv_offset, q_stride, kv_stride,
-                                      item.tokens, item.tokens, d};
+        const detail::HeadSlices head{q_data + q_offset, k_data + kv_offset, v_data + kv_offset, q_stride,
+                                      kv_stride,         item.tokens,        item.tokens,        d};
         const detail::HeadGradientInputs inputs{out_data + q_offset, dout_data + q_offset,
                                                 logsumexp + item.first_token * shape.query_heads + item.head,
                                                 shape.query_heads};
-        const detail::HeadGradients gradients{dq_data + q_offset, dk_target + target_offset,
-                                              dv_target + target_offset, target_stride};
+        const detail::HeadGradients gradients{dq_data + q_offset, dk_target + target_offset, dv_target + target_offset,
+                                              target_stride};
         detail::attention_backward_head(head, inputs, scale, gradients, scratch);
       },
       threads);
@@ -313,11 +319,11 @@ inline void cached_attention_forward(const TensorView& q, const TensorView& k_ca
         const int head = static_cast<int>(item % shape.query_heads);
         const std::int64_t first_query = (item / shape.query_heads) * detail::attention_query_tile;
         const std::int64_t kv_head = head / shape.group_size();
-        const detail::HeadSlices slices{q_data + head * d, k_data + kv_head * d, v_data + kv_head * d, q_stride,
-                                        kv_stride, queries, keys, d};
-        detail::attention_forward_tile(slices, first_query, std::min(detail::attention_query_tile, queries - first_query),
-                                       scale, out_data + first_query * q_stride + head * d, q_stride, nullptr, 0,
-                                       scratch);
+        const detail::HeadSlices slices{
+            q_data + head * d, k_data + kv_head * d, v_data + kv_head * d, q_stride, kv_stride, queries, keys, d};
+        detail::attention_forward_tile(slices, first_query,
+                                       std::min(detail::attention_query_tile, queries - first_query), scale,
+                                       out_data + first_query * q_stride + head * d, q_stride, nullptr, 0, scratch);
       },
       threads);
 }

@@ -23,17 +23,16 @@
 // reuse them); other positions and NTK-scaled rows are computed per call.
 #pragma once
 
-#include <qlora/core/error.hpp>
-#include <qlora/core/parallel.hpp>
-#include <qlora/core/tensor_view.hpp>
-#include <qlora/nn/detail/f32_arguments.hpp>
-#include <qlora/nn/detail/row_reduction.hpp>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <qlora/core/error.hpp>
+#include <qlora/core/parallel.hpp>
+#include <qlora/core/tensor_view.hpp>
+#include <qlora/nn/detail/f32_arguments.hpp>
+#include <qlora/nn/detail/row_reduction.hpp>
 #include <span>
 #include <utility>
 #include <vector>
@@ -42,9 +41,9 @@ namespace qlora {
 
 struct RotaryConfig {
   int head_dim = 0;
-  int rotary_dim = 0;                              ///< leading dims of each head that rotate (even)
-  double theta = 10000.0;                          ///< rope_theta
-  double dynamic_ntk_factor = 0.0;                 ///< rope_scaling "dynamic" factor; 0: off
+  int rotary_dim = 0;               ///< leading dims of each head that rotate (even)
+  double theta = 10000.0;           ///< rope_theta
+  double dynamic_ntk_factor = 0.0;  ///< rope_scaling "dynamic" factor; 0: off
   std::int64_t max_position_embeddings = 2048;
 };
 
@@ -59,8 +58,10 @@ class RotaryEmbedding {
     const double f = config_.dynamic_ntk_factor;
     if (f == 0.0 || seq_len <= config_.max_position_embeddings) return config_.theta;
     const double dim = config_.rotary_dim;
-    return config_.theta * std::pow((f * static_cast<double>(seq_len) / static_cast<double>(config_.max_position_embeddings)) - (f - 1.0),
-                                    dim / (dim - 2.0));
+    return config_.theta *
+           std::pow(
+               (f * static_cast<double>(seq_len) / static_cast<double>(config_.max_position_embeddings)) - (f - 1.0),
+               dim / (dim - 2.0));
   }
 
   /// inv_freq [rotary_dim/2] of a row of `seq_len` tokens, in fp32 as transformers computes it.
@@ -105,8 +106,8 @@ class RotaryEmbedding {
           "rotary_embedding: rotary_dim {} must be even and in [2, head_dim = {}]", c.rotary_dim, c.head_dim);
     check(std::isfinite(c.theta) && c.theta > 0.0, "InvalidArgument", "rotary_embedding: theta {} must be positive",
           c.theta);
-    check(c.max_position_embeddings > 0, "InvalidArgument", "rotary_embedding: max_position_embeddings {} must be positive",
-          c.max_position_embeddings);
+    check(c.max_position_embeddings > 0, "InvalidArgument",
+          "rotary_embedding: max_position_embeddings {} must be positive", c.max_position_embeddings);
     check(c.dynamic_ntk_factor == 0.0 || (std::isfinite(c.dynamic_ntk_factor) && c.dynamic_ntk_factor >= 1.0),
           "InvalidArgument", "rotary_embedding: dynamic_ntk_factor {} must be 0 (off) or at least 1",
           c.dynamic_ntk_factor);
@@ -150,8 +151,8 @@ class RotaryEmbedding {
 
   void rotate(const TensorView& x, std::span<const std::int32_t> positions, std::int64_t seq_len, float sin_sign,
               const char* op, const char* name, unsigned threads) const {
-    check(x.rank() == 3 && x.shape()[2] == config_.head_dim, "ShapeMismatch", "{}: {} is {}, expected [tokens, heads, {}]",
-          op, name, x.shape().to_string(), config_.head_dim);
+    check(x.rank() == 3 && x.shape()[2] == config_.head_dim, "ShapeMismatch",
+          "{}: {} is {}, expected [tokens, heads, {}]", op, name, x.shape().to_string(), config_.head_dim);
     const std::int64_t tokens = x.shape()[0];
     const std::int64_t heads = x.shape()[1];
     detail::F32Arguments{op}.tensor(x, x.shape(), name);
@@ -167,7 +168,8 @@ class RotaryEmbedding {
 
     const bool scaled = base(seq_len) != config_.theta;
     const std::shared_ptr<const AngleTable> table =
-        scaled ? nullptr : table_for(std::min<std::int64_t>(std::int64_t{max_position} + 1, config_.max_position_embeddings));
+        scaled ? nullptr
+               : table_for(std::min<std::int64_t>(std::int64_t{max_position} + 1, config_.max_position_embeddings));
     const std::vector<float> inv_freq = inverse_frequencies(seq_len);
     const int h = half();
     const std::int64_t head_dim = config_.head_dim;
