@@ -312,3 +312,28 @@ TEST_CASE("the encoder's types are deduced from a tokenizer, const or not") {
   const Conversation document{{Message{Role::text, "ab", true}}, 0};
   CHECK(encoder.encode(document)->input_ids == Ids{ToyTokenizer::bos_id, 10 + 'a', 10 + 'b'});
 }
+
+TEST_CASE("encode_prompt opens the assistant turn exactly as training renders it", "[sample_encoder][prompt]") {
+  // The expected strings are XTuner 0.2.0's PROMPT_TEMPLATE (xtuner/utils/templates.py:
+  // internlm2_chat / qwen_chat SYSTEM + INSTRUCTION, the prompt `xtuner chat` builds) and
+  // the Phi-2 tutorial's ChatML message template; the toy tokenizer is byte-level, so
+  // decoding the ids gives back exactly the rendered text.
+  const ToyTokenizer tokenizer(chatml_tokens);
+  Conversation conversation;
+  conversation.messages = {{Role::system, "Be brief.", false}, {Role::user, "Who are you?", false}};
+  const auto prompt_text = [&](auto chat_template) {
+    SampleEncoder encoder(tokenizer, chat_template);
+    return tokenizer.decode(encoder.encode_prompt(conversation), false);
+  };
+  CHECK(prompt_text(InternLM2Chat{}) ==
+        "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n");
+  CHECK(prompt_text(ChatML{}) ==
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n");
+  conversation.messages.erase(conversation.messages.begin());  // the tutorial's template has no system turn
+  CHECK(prompt_text(Phi2ChatML{}) == "<|im_start|>user\nWho are you?<|im_end|><|im_start|>assistant\n");
+  // A multi-turn history keeps the earlier answer.
+  conversation.messages.push_back({Role::assistant, "Kestrel.", true});
+  conversation.messages.push_back({Role::user, "Again?", false});
+  CHECK(prompt_text(Phi2ChatML{}) == "<|im_start|>user\nWho are you?<|im_end|><|im_start|>assistant\nKestrel.<|im_end|>"
+                                     "<|im_start|>user\nAgain?<|im_end|><|im_start|>assistant\n");
+}

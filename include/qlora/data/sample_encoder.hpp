@@ -160,6 +160,28 @@ class SampleEncoder {
 
   /// As encode_into, but an error goes to on_error(const Error&), unlocated,
   /// and the sample counts as rejected; false unless on_error throws.
+  /// The ids a model continues from to answer `conversation` (which ends with
+  /// a user message): the conversation as the template renders it, then the
+  /// template's opening of an assistant turn (e.g. "<|im_start|>assistant\n"),
+  /// tokenized piece by piece exactly as training samples are — so generation
+  /// sees the same ids the model was trained on. No truncation.
+  [[nodiscard]] std::vector<TokenId> encode_prompt(const Conversation& conversation) {
+    // Render the conversation with an answer whose text is a marker, then cut at the marker.
+    static constexpr std::string_view marker = "\x1f\x1fqlora-answer\x1f\x1f";
+    Conversation with_answer = conversation;
+    with_answer.messages.push_back({Role::assistant, std::string(marker), true});
+    template_.render(with_answer, segments_);
+    EncodedSample out;
+    for (std::size_t i = 0; i < segments_.size(); ++i) {
+      TemplateSegment segment = segments_[i];
+      const std::size_t at = segment.kind == SegmentKind::text ? segment.text.find(marker) : std::string_view::npos;
+      if (at != std::string_view::npos) segment.text = segment.text.substr(0, at);
+      append_segment(segment, out);
+      if (at != std::string_view::npos) return std::move(out.input_ids);
+    }
+    throw Error("TemplateHasNoAnswer", "the template rendered no assistant answer to prompt for");
+  }
+
   template <class OnError>
   bool encode_into(const Conversation& conversation, EncodedSample& out, OnError&& on_error) {
     ++stats_.samples_seen;
