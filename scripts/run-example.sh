@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds and runs qlora's main example, examples/quantize: it quantizes a
-# safetensors file to NF4 (with double quantization) and reports the error and
-# the size. With no arguments it quantizes the small sample that ships with it.
+# Builds and runs qlora's main example, examples/train (qlora-train): QLoRA
+# fine-tuning of a Phi or InternLM2 model. With no arguments it fine-tunes the
+# tiny pre-trained Phi shipped in examples/assets on the self-identity data
+# there (a few minutes on 2 CPU cores) and prints its answers to the eval
+# prompts before and after.
 # On a fresh Debian 12 machine it first installs what it needs (apt-get).
 #   scripts/run-example.sh [arguments for the example; --help lists them]
-# Environment: QLORA_EXAMPLE (target, default quantize), QLORA_BUILD_DIR
+# Environment: QLORA_EXAMPLE (target, default train; also chat, merge, quantize, change_script), QLORA_BUILD_DIR
 # (default build-example), QLORA_JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-deps.sh cmake ninja-build g++ pkg-config libfmt-dev nlohmann-json3-dev \
   libeigen3-dev libsentencepiece-dev libpcre2-dev
 
-example=${QLORA_EXAMPLE:-quantize}
+example=${QLORA_EXAMPLE:-train}
 build_dir=${QLORA_BUILD_DIR:-build-example}
 jobs=${QLORA_JOBS:-$(nproc)}
 

@@ -32,6 +32,7 @@
 #include <qlora/data/template_segment.hpp>
 #include <qlora/data/tokenizer.hpp>
 #include <qlora/data/tokenizer_config.hpp>
+#include <qlora/data/tokenizer_files.hpp>
 #include <qlora/data/turn_template.hpp>
 #include <qlora/data/varlen_batch.hpp>
 #include <qlora/data/xtuner_packer.hpp>

@@ -11,4 +11,5 @@
 #include <qlora/lora/lora_config.hpp>
 #include <qlora/lora/lora_init.hpp>
 #include <qlora/lora/lora_linear.hpp>
+#include <qlora/lora/merge_adapter.hpp>
 #include <qlora/lora/peft_adapter.hpp>

@@ -3,4 +3,8 @@
 // Trainer's loss normalisation, clipping and non-finite handling.
 #pragma once
 
+#include <qlora/train/loss_curve.hpp>
+#include <qlora/train/metrics_log.hpp>
+#include <qlora/train/progress_bar.hpp>
+#include <qlora/train/training_checkpoint.hpp>
 #include <qlora/train/training_step.hpp>

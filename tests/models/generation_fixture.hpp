@@ -7,24 +7,18 @@
 #include <qlora/io/safetensors_reader.hpp>
 #include <qlora/models/phi.hpp>
 
-#include <catch2/catch.hpp>
-#include <fmt/format.h>
-#include <nlohmann/json.hpp>
+#include "models/model_fixture.hpp"
 
-#include <algorithm>
-#include <cmath>
+#include <catch2/catch.hpp>
 #include <cstdint>
-#include <span>
-#include <string>
+#include <string_view>
 #include <vector>
 
 namespace qlora::test {
 
-inline const std::string models_data_dir = QLORA_TEST_DATA_DIR "/models";
-
 inline const SafetensorsReader& generation_reference() {
   static const SafetensorsReader reader =
-      SafetensorsReader::open(models_data_dir + "/generation_reference.safetensors");
+      SafetensorsReader::open(models_dir + "/generation_reference.safetensors");
   return reader;
 }
 
@@ -39,43 +33,9 @@ using GenerationModel = Phi<NF4, float>;
 
 /// tiny_phi_bnb4bit with the adapter the fixture's transformers model had.
 inline const GenerationModel& generation_model() {
-  static const GenerationModel model = [] {
-    const SafetensorsReader adapter_file =
-        SafetensorsReader::open(models_data_dir + "/tiny_phi_reference.safetensors");
-    const auto meta = nlohmann::json::parse(*adapter_file.metadata_value("lora_config"));
-    ModelOptions options;
-    options.lora.r = meta["r"];
-    options.lora.lora_alpha = meta["lora_alpha"];
-    options.lora.target_modules = meta["target_modules"].get<std::vector<std::string>>();
-    options.lora.modules_to_save = meta["modules_to_save"].get<std::vector<std::string>>();
-    GenerationModel loaded = GenerationModel::load(models_data_dir + "/tiny_phi_bnb4bit", options);
-    PeftAdapter adapter = loaded.adapter();
-    const auto read = [&](const std::string& key) {
-      const SafetensorsTensor& stored = adapter_file.tensor("lora_init.base_model.model." + key);
-      Tensor out(DType::F32, Shape(std::span<const std::int64_t>(stored.shape)));
-      std::ranges::copy(stored.read<float>(), out.span<float>().begin());
-      return out;
-    };
-    for (LoraModuleWeights& module : adapter.modules) {
-      module.lora_A = read(module.path + ".lora_A.weight");
-      module.lora_B = read(module.path + ".lora_B.weight");
-    }
-    for (auto& [key, tensor] : adapter.saved_tensors) tensor = read(key);
-    loaded.load_adapter(adapter);
-    return loaded;
-  }();
+  static const ModelFixture phi("tiny_phi");
+  static const GenerationModel model = phi.model<GenerationModel>("tiny_phi_bnb4bit", phi.options());
   return model;
-}
-
-/// max |a - b| / max |b|.
-inline double relative_error(std::span<const float> actual, std::span<const float> expected) {
-  REQUIRE(actual.size() == expected.size());
-  double worst = 0, scale = 0;
-  for (std::size_t i = 0; i < actual.size(); ++i) {
-    worst = std::max(worst, std::abs(double(actual[i]) - expected[i]));
-    scale = std::max(scale, std::abs(double(expected[i])));
-  }
-  return scale == 0 ? worst : worst / scale;
 }
 
 }  // namespace qlora::test

@@ -97,8 +97,6 @@ struct AdapterConfig {
 
 namespace detail {
 
-using OrderedJson = nlohmann::ordered_json;
-
 /// adapter_config.json files are a few KiB; refuse to map anything absurd.
 inline constexpr std::size_t max_adapter_config_size = std::size_t{16} << 20;
 

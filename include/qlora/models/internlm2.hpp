@@ -24,6 +24,7 @@
 
 #include <qlora/models/causal_lm.hpp>
 #include <qlora/models/internlm2_config.hpp>
+#include <qlora/models/kv_cache.hpp>
 #include <qlora/nn/activations.hpp>
 #include <qlora/nn/attention.hpp>
 #include <qlora/nn/rms_norm.hpp>
@@ -33,6 +34,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 
@@ -154,52 +156,44 @@ struct InternLM2Architecture {
   static Tensor layer_forward(const Config& config, const Layer<Linear>& layer, const TokenBatch& batch,
                               const LayerContext& context, LayerState<Linear>& state, bool keep) {
     const std::int64_t tokens = batch.tokens();
-    const bool training = context.step.has_value() && keep;
-    const auto slot = [&](std::optional<LoraActivations>& saved) { return training ? &saved : nullptr; };
-    const unsigned threads = context.threads;
-    const auto eps = static_cast<float>(config.rms_norm_eps);
-
-    // Attention block.
+    LayerState<Linear>* saved = context.step.has_value() && keep ? &state : nullptr;
     Tensor u(DType::F32, state.input.shape());
-    state.attention_norm = rms_norm_forward(state.input.view(), layer.attention_norm.view(), eps, u.view(), threads);
-    Tensor qkv = layer.wqkv->forward_f32(u.view(), slot(state.wqkv), context.lora_key(0));
-    const Shape q_heads = heads(config, tokens, config.num_attention_heads);
-    const Shape kv_heads = heads(config, tokens, config.num_key_value_heads);
-    Tensor q(DType::F32, q_heads), k(DType::F32, kv_heads), v(DType::F32, kv_heads);
-    detail::shuffle_wqkv(qkv.span<float>().data(), q.span<float>().data(), k.span<float>().data(),
-                         v.span<float>().data(), tokens, config.num_key_value_heads, config.group_size(),
-                         config.head_dim(), /*to_fused=*/false);
-    layer.rotary->apply(q.view(), batch.position_ids, batch.rope_length(), threads);
-    layer.rotary->apply(k.view(), batch.position_ids, batch.rope_length(), threads);
-    Tensor context_values(DType::F32, q_heads);
-    AttentionSaved attention = causal_attention_forward(q.view(), k.view(), v.view(), batch.cu_seqlens,
-                                                        attention_scale(config), context_values.view(), threads);
-    const Tensor attention_out = layer.wo->forward_f32(detail::reshaped(context_values, Shape{tokens, config.hidden_size}),
-                                                       slot(state.wo), context.lora_key(1));
-    Tensor middle(DType::F32, state.input.shape());
-    add(state.input, attention_out, middle);
-
-    // Feed-forward block.
-    Tensor u2(DType::F32, middle.shape());
-    state.ffn_norm = rms_norm_forward(middle.view(), layer.ffn_norm.view(), eps, u2.view(), threads);
-    Tensor gate = layer.w1->forward_f32(u2.view(), slot(state.w1), context.lora_key(2));
-    Tensor up = layer.w3->forward_f32(u2.view(), slot(state.w3), context.lora_key(4));
-    Tensor activated(DType::F32, gate.shape());
-    swiglu_forward(gate.view(), up.view(), activated.view(), threads);
-    const Tensor ffn_out = layer.w2->forward_f32(activated.view(), slot(state.w2), context.lora_key(3));
-    Tensor out(DType::F32, middle.shape());
-    add(middle, ffn_out, out);
-    if (training) {
-      state.query = std::move(q);
-      state.key = std::move(k);
-      state.value = std::move(v);
+    state.attention_norm = rms_norm_forward(state.input.view(), layer.attention_norm.view(),
+                                            static_cast<float>(config.rms_norm_eps), u.view(), context.threads);
+    QueryKeyValue qkv = query_key_value(config, layer, u, batch.position_ids, batch.rope_length(), context, saved);
+    Tensor context_values(DType::F32, heads(config, tokens, config.num_attention_heads));
+    AttentionSaved attention = causal_attention_forward(qkv.query.view(), qkv.key.view(), qkv.value.view(),
+                                                        batch.cu_seqlens, attention_scale(config),
+                                                        context_values.view(), context.threads);
+    Tensor out = block_output(config, layer, state.input, context_values, context, saved);
+    if (saved != nullptr) {
+      state.query = std::move(qkv.query);
+      state.key = std::move(qkv.key);
+      state.value = std::move(qkv.value);
       state.context = std::move(context_values);
       state.attention = std::move(attention);
-      state.middle = std::move(middle);
-      state.gate = std::move(gate);
-      state.up = std::move(up);
     }
     return out;
+  }
+
+  /// Generation: one layer's forward for the newest tokens h [n, H] at
+  /// `positions` (after the cached ones); their keys and values join `cache`.
+  template <class Linear>
+  static Tensor layer_decode(const Config& config, const Layer<Linear>& layer, const Tensor& h,
+                             std::span<const std::int32_t> positions, KvCache::Slot cache,
+                             const LayerContext& context) {
+    const std::int64_t tokens = h.shape()[0];
+    Tensor u(DType::F32, h.shape());
+    (void)rms_norm_forward(h.view(), layer.attention_norm.view(), static_cast<float>(config.rms_norm_eps), u.view(),
+                           context.threads);
+    // The row's length, for dynamic NTK, is max(position) + 1, as InternLM2's code takes it.
+    const QueryKeyValue qkv =
+        query_key_value<Linear>(config, layer, u, positions, std::int64_t{positions.back()} + 1, context, nullptr);
+    const KvCache::Rows cached = cache.append(qkv.key.view(), qkv.value.view());
+    Tensor context_values(DType::F32, heads(config, tokens, config.num_attention_heads));
+    cached_attention_forward(qkv.query.view(), cached.key, cached.value, attention_scale(config), context_values.view(),
+                             context.threads);
+    return block_output<Linear>(config, layer, h, context_values, context, nullptr);
   }
 
   template <class Linear>
@@ -241,6 +235,57 @@ struct InternLM2Architecture {
   }
 
  private:
+  struct QueryKeyValue {
+    Tensor query, key, value;  ///< F32 [T, heads, d] / [T, kv_heads, d]; q and k rotated
+  };
+
+  /// wqkv of the normed input u, split into heads and rotated. With `saved`, a
+  /// training forward keeping wqkv's activations.
+  template <class Linear>
+  static QueryKeyValue query_key_value(const Config& config, const Layer<Linear>& layer, const Tensor& u,
+                                       std::span<const std::int32_t> positions, std::int64_t rope_length,
+                                       const LayerContext& context, LayerState<Linear>* saved) {
+    const std::int64_t tokens = u.shape()[0];
+    Tensor qkv = layer.wqkv->forward_f32(u.view(), saved ? &saved->wqkv : nullptr, context.lora_key(0));
+    QueryKeyValue out{Tensor(DType::F32, heads(config, tokens, config.num_attention_heads)),
+                      Tensor(DType::F32, heads(config, tokens, config.num_key_value_heads)),
+                      Tensor(DType::F32, heads(config, tokens, config.num_key_value_heads))};
+    detail::shuffle_wqkv(qkv.span<float>().data(), out.query.span<float>().data(),
+                         out.key.span<float>().data(), out.value.span<float>().data(), tokens,
+                         config.num_key_value_heads, config.group_size(), config.head_dim(), /*to_fused=*/false);
+    layer.rotary->apply(out.query.view(), positions, rope_length, context.threads);
+    layer.rotary->apply(out.key.view(), positions, rope_length, context.threads);
+    return out;
+  }
+
+  /// h + wo(attention context), then the feed-forward block with its residual.
+  template <class Linear>
+  static Tensor block_output(const Config& config, const Layer<Linear>& layer, const Tensor& h,
+                             const Tensor& context_values, const LayerContext& context, LayerState<Linear>* saved) {
+    const std::int64_t tokens = h.shape()[0];
+    const Tensor attention_out = layer.wo->forward_f32(detail::reshaped(context_values, Shape{tokens, config.hidden_size}),
+                                                       saved ? &saved->wo : nullptr, context.lora_key(1));
+    Tensor middle(DType::F32, h.shape());
+    add(h, attention_out, middle);
+    Tensor u2(DType::F32, middle.shape());
+    NormStatistics ffn_norm = rms_norm_forward(middle.view(), layer.ffn_norm.view(),
+                                                     static_cast<float>(config.rms_norm_eps), u2.view(), context.threads);
+    Tensor gate = layer.w1->forward_f32(u2.view(), saved ? &saved->w1 : nullptr, context.lora_key(2));
+    Tensor up = layer.w3->forward_f32(u2.view(), saved ? &saved->w3 : nullptr, context.lora_key(4));
+    Tensor activated(DType::F32, gate.shape());
+    swiglu_forward(gate.view(), up.view(), activated.view(), context.threads);
+    const Tensor ffn_out = layer.w2->forward_f32(activated.view(), saved ? &saved->w2 : nullptr, context.lora_key(3));
+    Tensor out(DType::F32, middle.shape());
+    add(middle, ffn_out, out);
+    if (saved != nullptr) {
+      saved->ffn_norm = std::move(ffn_norm);
+      saved->middle = std::move(middle);
+      saved->gate = std::move(gate);
+      saved->up = std::move(up);
+    }
+    return out;
+  }
+
   static Shape heads(const Config& config, std::int64_t tokens, int count) {
     return Shape{tokens, count, config.head_dim()};
   }

@@ -83,8 +83,9 @@ class KvCache {
 
  private:
   struct Layer {
-    Tensor key, value;      ///< F32 [capacity, kv_heads, head_dim]
-    std::int64_t rows = 0;  ///< rows written: size(), or more during a step
+    Tensor key, value;           ///< F32 [allocated, kv_heads, head_dim]
+    std::int64_t allocated = 0;  ///< 0 until the layer's first append
+    std::int64_t rows = 0;       ///< rows written: size(), or more during a step
   };
 
   Rows append(std::size_t index, const TensorView& key, const TensorView& value) {
@@ -92,14 +93,14 @@ class KvCache {
               key.shape()[0] > 0,
           "ShapeMismatch", "kv_cache.append: key is {} {} and value {} {}, expected two F32 [n > 0, kv_heads, head_dim]",
           dtype_name(key.dtype()), key.shape().to_string(), dtype_name(value.dtype()), value.shape().to_string());
-    if (index >= layers_.size() || layers_[index].key.numel() == 0) {
+    if (index >= layers_.size() || layers_[index].allocated == 0) {
       check(size() == 0, "InvalidKvCache", "kv_cache.append: layer {} has no rows, but the cache holds {} tokens "
             "(a cache filled by another model?)", index, size());
       if (index >= layers_.size()) layers_.resize(index + 1);
     }
     Layer& layer = layers_[index];
     const std::int64_t n = key.shape()[0], width = key.shape()[1] * key.shape()[2];
-    if (layer.key.numel() > 0) {
+    if (layer.allocated > 0) {
       check(layer.key.shape()[1] == key.shape()[1] && layer.key.shape()[2] == key.shape()[2], "ShapeMismatch",
             "kv_cache.append: layer {} caches rows of [{}, {}], the new key is {} (a cache of another model?)", index,
             layer.key.shape()[1], layer.key.shape()[2], key.shape().to_string());
@@ -120,7 +121,7 @@ class KvCache {
 
   /// Grows `layer` to hold `length` rows: to the cache's capacity, else by doubling.
   void reserve(Layer& layer, std::int64_t length, std::int64_t heads, std::int64_t head_dim) {
-    const std::int64_t held = layer.key.numel() > 0 ? layer.key.shape()[0] : 0;
+    const std::int64_t held = layer.allocated;
     if (length <= held) return;
     capacity_ = std::max({capacity_, length, 2 * held});
     const Shape shape{capacity_, heads, head_dim};
@@ -132,6 +133,7 @@ class KvCache {
       }
       *rows = std::move(grown);
     }
+    layer.allocated = capacity_;
   }
 
   std::int64_t capacity_;

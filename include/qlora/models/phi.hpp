@@ -34,6 +34,7 @@
 #include <span>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace qlora {
@@ -232,6 +233,10 @@ struct PhiArchitecture {
   }
 
  private:
+  /// A layer's saved state (LayerState), nullptr at inference; not deduced, so nullptr binds.
+  template <class Linear>
+  using Saved = std::type_identity_t<LayerState<Linear>>;
+
   /// q, k, v F32 [T, heads · head_dim], q and k rotated.
   struct QueryKeyValue {
     Tensor query, key, value;
@@ -240,11 +245,11 @@ struct PhiArchitecture {
   /// The layer's LayerNorm of h (its statistics kept in `saved` when training).
   template <class Linear>
   static Tensor input_norm(const Config& config, const Layer<Linear>& layer, const Tensor& h,
-                           const LayerContext& context, LayerState<Linear>* saved) {
+                           const LayerContext& context, Saved<Linear>* saved) {
     Tensor u(DType::F32, h.shape());
-    const NormStatistics stats = layer_norm_forward(h.view(), layer.norm_weight.view(), layer.norm_bias.view(),
-                                                    static_cast<float>(config.layer_norm_eps), u.view(), context.threads);
-    if (saved != nullptr) saved->norm = stats;
+    NormStatistics stats = layer_norm_forward(h.view(), layer.norm_weight.view(), layer.norm_bias.view(),
+                                              static_cast<float>(config.layer_norm_eps), u.view(), context.threads);
+    if (saved != nullptr) saved->norm = std::move(stats);
     return u;
   }
 
@@ -252,7 +257,7 @@ struct PhiArchitecture {
   template <class Linear>
   static QueryKeyValue query_key_value(const Config& config, const Layer<Linear>& layer, const Tensor& u,
                                        std::span<const std::int32_t> positions, std::int64_t rope_length,
-                                       const LayerContext& context, LayerState<Linear>* saved) {
+                                       const LayerContext& context, Saved<Linear>* saved) {
     const std::int64_t tokens = u.shape()[0];
     QueryKeyValue qkv{layer.q_proj->forward_f32(u.view(), activations(saved, &LayerState<Linear>::q_proj), context.lora_key(0)),
                       layer.k_proj->forward_f32(u.view(), activations(saved, &LayerState<Linear>::k_proj), context.lora_key(1)),
@@ -268,7 +273,7 @@ struct PhiArchitecture {
   /// (fc1's output kept in `saved` when training).
   template <class Linear>
   static Tensor block_output(const Config& config, const Layer<Linear>& layer, const Tensor& h, const Tensor& u,
-                             const Tensor& context_values, const LayerContext& context, LayerState<Linear>* saved) {
+                             const Tensor& context_values, const LayerContext& context, Saved<Linear>* saved) {
     const unsigned threads = context.threads;
     const Tensor attention_out =
         layer.dense->forward_f32(context_values.view(), activations(saved, &LayerState<Linear>::dense), context.lora_key(3));

@@ -20,6 +20,8 @@
 namespace qlora::detail {
 
 using Json = nlohmann::json;
+/// Keeps keys in insertion order: for files rewritten as their writer laid them out.
+using OrderedJson = nlohmann::ordered_json;
 
 /// How append_json_string spells characters outside printable ASCII.
 enum class JsonEscape {
