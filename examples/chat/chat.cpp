@@ -19,8 +19,9 @@
 // The tokenizer comes from --tokenizer, else the adapter folder when it has
 // one (training may add tokens), else the model folder: tokenizer.json (byte-
 // level BPE) or tokenizer.model (SentencePiece), with tokenizer_config.json.
-// An adapter whose embedding or lm_head has more rows than the model (the
-// tutorial adds tokens and resizes) makes the model resize first.
+// An adapter whose embedding or lm_head has another row count than the model
+// (the tutorial adds tokens and resizes to a multiple of 64, which may grow or
+// shrink it) makes the model resize first.
 //
 // Errors print the qlora::Error and exit with status 1; a bad command line
 // exits with status 2.
@@ -339,7 +340,8 @@ void run(const Options& options) {
   }
   Model model = Model::load(options.model, model_options);
   if (adapter) {
-    if (const auto rows = adapter_vocab_size<Architecture>(*adapter); rows && *rows > model.vocab_size()) {
+    // Either way: Phi-2's resize to a multiple of 64 can shrink the vocabulary (51200 → 50304).
+    if (const auto rows = adapter_vocab_size<Architecture>(*adapter); rows && *rows != model.vocab_size()) {
       model.resize_token_embeddings(*rows);
     }
     model.load_adapter(*adapter);
