@@ -98,8 +98,8 @@ int main(int argc, char** argv) {
     if (report.converted_remote_code) {
       fmt::print("converted the adapter from the remote-code Phi names (Wqkv, out_proj, ...) to transformers' names\n");
     }
-    fmt::print("merged {} LoRA module{} into {}\n", report.lora_modules, report.lora_modules == 1 ? "" : "s",
-               options.base.string());
+    fmt::print("merged {} LoRA module{} of {} into the base {} (written to {})\n", report.lora_modules,
+               report.lora_modules == 1 ? "" : "s", options.adapter.string(), options.base.string(), options.out.string());
     fmt::print("replaced {} tensor{} with the adapter's (modules_to_save, trained biases); copied {}; dequantized {} "
                "4-bit weight{}\n",
                report.replaced_tensors, report.replaced_tensors == 1 ? "" : "s", report.copied_tensors,

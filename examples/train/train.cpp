@@ -394,7 +394,7 @@ int main(int argc, char** argv) {
   }
   try {
     return run(qlora::train_example::parse_arguments(argc, argv));
-  } catch (const qlora::Error& e) {
+  } catch (const std::exception& e) {  // qlora::Error, and what the standard library throws (file system, memory)
     fmt::print(stderr, "qlora-train: {}\n", e.what());
     return 1;
   }
