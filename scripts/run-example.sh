@@ -30,9 +30,13 @@ if command -v ccache >/dev/null 2>&1; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 fi
 
-cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DQLORA_BUILD_TESTS=OFF -DQLORA_BUILD_BENCHMARKS=OFF -DQLORA_BUILD_EXAMPLES=ON \
-  "${launcher[@]}" >/dev/null
+# A folder configured before (by this script, or scripts/run-tests.sh's build-tests, which builds the
+# examples too) is built as it is: reconfiguring it with other options would rebuild everything.
+if [ ! -f "$build_dir/CMakeCache.txt" ]; then
+  cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DQLORA_BUILD_TESTS=OFF -DQLORA_BUILD_BENCHMARKS=OFF -DQLORA_BUILD_EXAMPLES=ON \
+    "${launcher[@]}" >/dev/null
+fi
 cmake --build "$build_dir" -j "$jobs" --target "$example"
 
 # The executable is named after its target; find where examples/ put it.

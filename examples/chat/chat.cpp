@@ -34,6 +34,7 @@
 #include <qlora/lora/peft_adapter.hpp>
 #include <qlora/models/detail/config_fields.hpp>
 #include <qlora/models/generation.hpp>
+#include <qlora/models/internlm2.hpp>
 #include <qlora/models/phi.hpp>
 
 #include <fmt/format.h>
@@ -54,6 +55,8 @@
 
 #include <unistd.h>
 
+#include "chat_settings.hpp"
+
 namespace {
 
 using namespace qlora;
@@ -65,8 +68,9 @@ struct Options {
   fs::path model;
   std::optional<fs::path> adapter;
   std::optional<fs::path> tokenizer;
-  TemplateKind chat_template = TemplateKind::phi2_chatml;
-  std::string system;
+  /// Not given: the model's qlora_chat.json (chat_settings.hpp), else the architecture's own.
+  std::optional<TemplateKind> chat_template;
+  std::optional<std::string> system;
   int max_new_tokens = 256;
   SamplingOptions sampling{.top_k = 50};  // transformers' GenerationConfig default, used once temperature > 0
   std::optional<std::string> prompt;
@@ -78,8 +82,10 @@ void print_usage(std::FILE* to) {
              "                  [--template phi2_chatml|chatml|internlm2_chat|none] [--system TEXT]\n"
              "                  [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
              "                  [--repetition-penalty R] [--seed S] [--prompt TEXT]\n"
-             "Chats with a Hugging Face model folder (Phi), optionally with a PEFT LoRA adapter.\n"
-             "  --template          how messages become the prompt (default phi2_chatml; none: raw text)\n"
+             "Chats with a Hugging Face model folder (Phi or InternLM2), optionally with a PEFT LoRA adapter.\n"
+             "  --template          how messages become the prompt (default: the qlora_chat.json qlora-train\n"
+             "                      wrote with the adapter or merged model, else phi2_chatml for Phi and\n"
+             "                      internlm2_chat for InternLM2; none: raw text)\n"
              "  --max-new-tokens    most tokens per answer (default 256)\n"
              "  --temperature       0 (default): greedy; > 0: sample\n"
              "  --top-k, --top-p    sampling filters (defaults 50 and 1, as transformers' generate)\n"
@@ -153,7 +159,7 @@ Options parse_options(int argc, char** argv) {
   }
   if (!have_model) usage_error("--model is required");
   if (options.max_new_tokens < 1) usage_error("--max-new-tokens must be at least 1");
-  if (options.chat_template == TemplateKind::none && !options.system.empty()) {
+  if (options.chat_template == TemplateKind::none && options.system && !options.system->empty()) {
     usage_error("--system needs a chat template (--template none has no place for it)");
   }
   try {
@@ -269,17 +275,19 @@ class AnswerStream {
 
 template <class Model, Tokenizer Tok>
 void converse(const Model& model, const Tok& tokenizer, const Options& options) {
-  PromptBuilder<Tok> prompts(options.chat_template, tokenizer);
+  const TemplateKind kind = options.chat_template.value();  // resolved by run_model_folder
+  const std::string system = options.system.value_or("");
+  PromptBuilder<Tok> prompts(kind, tokenizer);
   std::vector<TokenId> stop_ids{static_cast<TokenId>(model.config().eos_token_id)};
   if (const auto eos = tokenizer.special_ids().eos) stop_ids.push_back(*eos);
-  if (options.chat_template != TemplateKind::none) {
+  if (kind != TemplateKind::none) {
     if (const auto id = tokenizer.token_to_id(end_of_turn)) stop_ids.push_back(*id);
   }
 
   Conversation conversation;
   const auto restart = [&] {
     conversation.messages.clear();
-    if (!options.system.empty()) conversation.messages.push_back({Role::system, options.system, false});
+    if (!system.empty()) conversation.messages.push_back({Role::system, system, false});
   };
   restart();
   KvCache cache;
@@ -350,14 +358,35 @@ void run(const Options& options) {
   std::visit([&](const auto& tok) { converse(model, tok, options); }, tokenizer);
 }
 
+/// The template and system prompt not given on the command line: the adapter's (else the
+/// model folder's) qlora_chat.json, else the architecture's own template.
+void resolve_prompting(Options& options, std::string_view model_type) {
+  std::optional<examples::ChatSettings> recorded;
+  if (options.adapter) recorded = examples::read_chat_settings(*options.adapter);
+  if (!recorded) recorded = examples::read_chat_settings(options.model);
+  if (!options.chat_template) {
+    if (recorded) {
+      // qlora-train's "pretrain" template is raw text here.
+      options.chat_template = recorded->chat_template == "pretrain" ? TemplateKind::none
+                                                                   : parse_template(recorded->chat_template);
+    } else {
+      options.chat_template = model_type == "internlm2" ? TemplateKind::internlm2_chat : TemplateKind::phi2_chatml;
+    }
+  }
+  if (!options.system && recorded && *options.chat_template != TemplateKind::none) options.system = recorded->system;
+}
+
 /// Picks the architecture from config.json's model_type.
-void run_model_folder(const Options& options) {
+void run_model_folder(Options options) {
   check(fs::is_directory(options.model), "IoError", "--model {}: no such folder", options.model.string());
   const std::string model_type = detail::ConfigFields::open(options.model / "config.json").string("model_type", "");
-  if (model_type == "phi" || model_type == "phi-msft") return run<PhiArchitecture>(options);
-  // InternLM2: run<InternLM2Architecture>(options) once it has layer_decode.
-  throw Error("UnsupportedArchitecture", fmt::format("{}: qlora-chat runs Phi models (model_type \"phi\"), not \"{}\"",
-                                                     (options.model / "config.json").string(), model_type));
+  const bool phi = model_type == "phi" || model_type == "phi-msft";
+  check(phi || model_type == "internlm2", "UnsupportedArchitecture",
+        "{}: qlora-chat runs Phi and InternLM2 models (model_type \"phi\" or \"internlm2\"), not \"{}\"",
+        (options.model / "config.json").string(), model_type);
+  resolve_prompting(options, model_type);
+  if (phi) return run<PhiArchitecture>(options);
+  run<InternLM2Architecture>(options);
 }
 
 }  // namespace

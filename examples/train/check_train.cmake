@@ -7,7 +7,8 @@
 #   * the train records of metrics.jsonl (loss, lr, grad norm, tokens) and the
 #     final adapter must be byte-identical between A and B.
 # LoRA dropout is on (0.05), so the resumed run must also replay the masks.
-# Then the error paths: an unknown setting, a missing model folder.
+# Then the error paths (a resume with other settings, bad settings, an unknown setting, a
+# missing model folder) and an InternLM2 run on its architecture's defaults.
 #
 #   cmake -DPROGRAM=<qlora-train> -DWORK_DIR=<scratch folder> -P check_train.cmake
 cmake_minimum_required(VERSION 3.24)
@@ -71,6 +72,32 @@ execute_process(COMMAND "${CMAKE_COMMAND}" -E compare_files "${WORK_DIR}/A/adapt
 if(different)
   message(FATAL_ERROR "the resumed run's adapter differs from the uninterrupted run's")
 endif()
+
+# A resume whose settings change the trajectory is refused, naming the setting.
+run_program(1 ${common} --max_steps 4 --lora_r 8 --output_dir "${WORK_DIR}/B")
+expect_in("${stderr}" "lora_r was \"16\", now \"8\"")
+# Starting afresh over an earlier run's checkpoints would lose its metrics.
+run_program(1 ${common} --max_steps 4 --resume false --output_dir "${WORK_DIR}/B")
+expect_in("${stderr}" "holds checkpoints of an earlier run")
+
+# Settings are checked before anything loads.
+run_program(1 --batch_size -1)
+expect_in("${stderr}" "-1 is out of range")
+run_program(1 --packing greedy)
+expect_in("${stderr}" "expected none | bin | xtuner")
+run_program(1 --eval_data "${WORK_DIR}/x.jsonl" --eval_split 0.1)
+expect_in("${stderr}" "choose one")
+
+# InternLM2 (the random-weight test model, with the tiny Phi's tokenizer and the ChatML tokens
+# added): its own LoRA targets, template and resize apply without being named.
+get_filename_component(source_dir "${CMAKE_CURRENT_LIST_DIR}/../.." ABSOLUTE)
+run_program(0 --model "${source_dir}/tests/data/models/tiny_internlm2" --tokenizer "${source_dir}/examples/assets/tiny-phi"
+            --add_tokens "<|im_start|>,<|im_end|>" --pad_to_multiple_of 64 --max_steps 2 --eval_prompts=
+            --threads 2 --output_dir "${WORK_DIR}/D")
+file(READ "${WORK_DIR}/D/adapter/adapter_config.json" internlm2_adapter)
+expect_in("${internlm2_adapter}" "\"wqkv\"")
+file(READ "${WORK_DIR}/D/adapter/qlora_chat.json" internlm2_chat)
+expect_in("${internlm2_chat}" "internlm2_chat")
 
 run_program(1 --no_such_setting 3)
 expect_in("${stderr}" "unknown setting \"no_such_setting\"")

@@ -18,13 +18,16 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <unistd.h>
 #include <variant>
 #include <vector>
 
+#include "../chat/chat_settings.hpp"
 #include "train_config.hpp"
 
 namespace {
@@ -97,11 +100,17 @@ PreparedData prepare_data(Tok& tokenizer, const Template& chat_template, const T
   if (!config.eval_data.empty()) {
     data.eval = encode_file(config.eval_data, tokenizer, chat_template, config, "eval");
   } else if (config.eval_split > 0) {
-    check(config.eval_split < 1, "InvalidArgument", "eval_split {} must be in [0, 1)", config.eval_split);
     const auto held_out = static_cast<std::size_t>(std::ceil(config.eval_split * static_cast<double>(data.train.size())));
     check(held_out < data.train.size(), "InvalidArgument", "eval_split {} leaves no training sample", config.eval_split);
-    data.eval.assign(data.train.end() - static_cast<std::ptrdiff_t>(held_out), data.train.end());
-    data.train.resize(data.train.size() - held_out);
+    // A seeded shuffle first (datasets' train_test_split shuffles too): a file sorted by topic or
+    // length must not hold out only its tail.
+    std::vector<EncodedSample> shuffled;
+    shuffled.reserve(data.train.size());
+    for (const std::size_t i : epoch_permutation(data.train.size(), config.seed, 0)) shuffled.push_back(std::move(data.train[i]));
+    data.eval.assign(std::make_move_iterator(shuffled.end() - static_cast<std::ptrdiff_t>(held_out)),
+                     std::make_move_iterator(shuffled.end()));
+    shuffled.resize(shuffled.size() - held_out);
+    data.train = std::move(shuffled);
   }
   data.prompts = read_prompts(config.eval_prompts);
   if constexpr (!std::is_same_v<Template, Pretrain>) {
@@ -178,6 +187,28 @@ std::vector<std::string> answer_prompts(const Model& model, const PreparedData& 
   return answers;
 }
 
+/// A checkpoint continues only the run that wrote it: every setting that
+/// changes the trajectory (data, model, hyper-parameters) must be the same, or
+/// "the same losses after a resume" would silently stop being true.
+void check_resumable(const TrainingCheckpoint& checkpoint, const TrainConfig& config) {
+  // What may change between the two processes: where and how often things are reported or kept, and
+  // how long the run goes on (the caller reports a schedule that changed with it).
+  static const std::set<std::string> free = {"resume", "threads", "eval_steps", "sample_steps", "save_steps",
+                                             "save_total_limit", "max_new_tokens", "eval_prompts", "output_dir",
+                                             "max_steps", "epochs"};
+  std::vector<std::string> changed;
+  const std::map<std::string, std::string> now = config.as_text();
+  for (const auto& [name, value] : checkpoint.state.hyper_parameters) {
+    if (free.contains(name)) continue;
+    const auto it = now.find(name);
+    if (it == now.end() || it->second != value) {
+      changed.push_back(fmt::format("{} was \"{}\", now \"{}\"", name, value, it == now.end() ? "" : it->second));
+    }
+  }
+  check(changed.empty(), "ResumeMismatch", "{} was written with other settings ({}); resume with the same settings, "
+        "or pass --resume false with a new output_dir", checkpoint.dir.string(), fmt::join(changed, "; "));
+}
+
 template <class Model>
 int train(const TrainConfig& config, const PreparedData& data) {
   ModelOptions options;
@@ -196,6 +227,10 @@ int train(const TrainConfig& config, const PreparedData& data) {
     const std::int64_t size = padded_vocab_size(static_cast<std::int64_t>(data.vocab_size), config.pad_to_multiple_of);
     fmt::print("Vocabulary: {} tokens; embeddings resized from {} to {} rows\n", data.vocab_size, model.vocab_size(), size);
     model.resize_token_embeddings(size);
+    if (config.modules_to_save.empty()) {
+      fmt::print("Warning: modules_to_save is empty, so the adapter will not hold the resized embedding and "
+                 "output rows; train them (modules_to_save) to use the added tokens after training\n");
+    }
   }
 
   EpochBatchesOptions loader_options;
@@ -203,9 +238,14 @@ int train(const TrainConfig& config, const PreparedData& data) {
   loader_options.rows_per_batch = config.batch_size;
   if (config.packing == "none") loader_options.padding = PadCollator(data.pad_id);
   EpochBatches loader(training_rows(data, config), loader_options);
-  const auto accumulation = static_cast<std::int64_t>(std::max<std::size_t>(1, config.gradient_accumulation_steps));
-  const std::int64_t steps_per_epoch =
-      std::max<std::int64_t>(1, static_cast<std::int64_t>(loader.batches_per_epoch()) / accumulation);
+  // As transformers (>= 4.46) does: an optimizer step never spans two epochs; an
+  // epoch's last step takes the micro-batches left (ceil(batches / accumulation) steps).
+  const auto accumulation = static_cast<std::int64_t>(config.gradient_accumulation_steps);
+  const auto batches_per_epoch = static_cast<std::int64_t>(loader.batches_per_epoch());
+  const std::int64_t steps_per_epoch = (batches_per_epoch + accumulation - 1) / accumulation;
+  const auto window_size = [&](std::int64_t step) {
+    return std::min(accumulation, batches_per_epoch - (step % steps_per_epoch) * accumulation);
+  };
   const std::int64_t total_steps = config.max_steps > 0 ? config.max_steps : steps_per_epoch * config.epochs;
   check(total_steps > 0, "InvalidArgument", "nothing to train: epochs {} and max_steps {}", config.epochs, config.max_steps);
   LrSchedule schedule{.kind = LrSchedule::parse(config.lr_scheduler),
@@ -232,6 +272,12 @@ int train(const TrainConfig& config, const PreparedData& data) {
     if (const std::optional<ResumePoint> point = latest_checkpoint(run_dir)) {
       for (const std::string& skipped : point->skipped) fmt::print("Skipping {}\n", skipped);
       const TrainingCheckpoint& checkpoint = point->checkpoint;
+      check_resumable(checkpoint, config);
+      if (checkpoint.state.schedule.total_steps != schedule.total_steps) {
+        fmt::print("Note: the run now has {} steps (the checkpoint's had {}); where the schedule depends on the "
+                   "length, learning rates differ from the uninterrupted run's\n",
+                   schedule.total_steps, checkpoint.state.schedule.total_steps);
+      }
       model.load_adapter(checkpoint.adapter());
       optimizer.load_state(checkpoint.optimizer_state_file());
       loader.restore(Cursor::from_json(checkpoint.state.data_cursor, checkpoint.dir.string()));
@@ -244,6 +290,9 @@ int train(const TrainConfig& config, const PreparedData& data) {
     }
   }
   if (!log) {
+    check(config.resume || !latest_checkpoint(run_dir), "OutputDirNotEmpty",
+          "{} holds checkpoints of an earlier run and resume is off: starting afresh would overwrite its "
+          "metrics; choose another output_dir or remove that one", run_dir.string());
     std::filesystem::create_directories(run_dir);
     log.emplace(MetricsLog::create(run_dir / "metrics.jsonl"));
   }
@@ -268,8 +317,6 @@ int train(const TrainConfig& config, const PreparedData& data) {
   const TrainStepOptions step_options{.max_grad_norm = config.max_grad_norm,
                                       .on_non_finite = config.on_non_finite == "skip" ? NonFinitePolicy::skip_step
                                                                                       : NonFinitePolicy::stop};
-  check(config.on_non_finite == "skip" || config.on_non_finite == "stop", "InvalidArgument",
-        "on_non_finite \"{}\": expected stop or skip", config.on_non_finite);
   const bool tty = ::isatty(::fileno(stdout)) != 0;
   ProgressBarOptions bar_options;
   bar_options.start_step = start_step;
@@ -279,7 +326,7 @@ int train(const TrainConfig& config, const PreparedData& data) {
   for (std::int64_t step = start_step; step < total_steps; ++step) {
     window_batches.clear();
     window.clear();
-    for (std::int64_t micro = 0; micro < accumulation; ++micro) window_batches.emplace_back(loader.next());
+    for (std::int64_t micro = 0; micro < window_size(step); ++micro) window_batches.emplace_back(loader.next());
     for (std::size_t i = 0; i < window_batches.size(); ++i) {
       window.push_back({window_batches[i].view(), fmt::format("step {} micro-batch {}", step, i)});
     }
@@ -315,6 +362,8 @@ int train(const TrainConfig& config, const PreparedData& data) {
   write_peft_adapter(adapter_dir, model.adapter(config.model));
   // The tokenizer as trained (with the added tokens), as the tutorial's tokenizer.save_pretrained.
   save_tokenizer_files(data.tokenizer_dir, adapter_dir, data.added_tokens, data.token_roles);
+  // How the adapter was prompted, so that qlora-chat prompts it the same way.
+  examples::write_chat_settings(adapter_dir, {.chat_template = config.chat_template, .system = config.system});
   write_loss_curve_svg(run_dir / "loss_curve.svg", log->train_curve(), log->eval_curve());
   fmt::print("Adapter: {}\nMetrics: {}\nLoss curve: {}\n", adapter_dir.string(), (run_dir / "metrics.jsonl").string(),
              (run_dir / "loss_curve.svg").string());
@@ -328,14 +377,20 @@ int train_with_compute(const TrainConfig& config, const PreparedData& data) {
   return train<ModelBf16>(config, data);
 }
 
+/// config.json's model_type, if qlora-train knows it.
+std::string model_type_of(const std::string& model) {
+  const auto fields = detail::ConfigFields::open(std::filesystem::path(model) / "config.json");
+  std::string type = fields.string("model_type", "");
+  check(type == "phi" || type == "phi-msft" || type == "internlm2", "UnsupportedArchitecture",
+        "{}: model_type \"{}\"; qlora-train knows phi and internlm2", fields.source(), type);
+  return type;
+}
+
 int train_model(const TrainConfig& config, const PreparedData& data) {
-  check(config.quant == "nf4", "InvalidArgument", "quant \"{}\": qlora-train offers nf4", config.quant);
-  const auto fields = detail::ConfigFields::open(std::filesystem::path(config.model) / "config.json");
-  const std::string type = fields.string("model_type", "");
-  if (type == "phi" || type == "phi-msft") return train_with_compute<Phi<NF4, float>, Phi<NF4, bf16>>(config, data);
-  if (type == "internlm2") return train_with_compute<InternLM2<NF4, float>, InternLM2<NF4, bf16>>(config, data);
-  throw Error("UnsupportedArchitecture", fmt::format("{}: model_type \"{}\"; qlora-train knows phi and internlm2",
-                                                     fields.source(), type));
+  if (model_type_of(config.model) == "internlm2") {
+    return train_with_compute<InternLM2<NF4, float>, InternLM2<NF4, bf16>>(config, data);
+  }
+  return train_with_compute<Phi<NF4, float>, Phi<NF4, bf16>>(config, data);
 }
 
 using AnyTemplate = std::variant<ChatML, InternLM2Chat, Phi2ChatML, Pretrain>;
@@ -374,7 +429,8 @@ int run_with_tokenizer(Tok tokenizer, const std::filesystem::path& dir, const Tr
   }, template_named(config.chat_template));
 }
 
-int run(const TrainConfig& config) {
+int run(TrainConfig config) {
+  config.apply_architecture_defaults(model_type_of(config.model));
   const std::filesystem::path dir = config.tokenizer.empty() ? config.model : config.tokenizer;
   const Version v = version();
   fmt::print("qlora-train {}.{}.{}: model {}, data {}\n", v.major, v.minor, v.patch, config.model, config.data);

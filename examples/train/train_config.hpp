@@ -6,7 +6,14 @@
 //
 // With no arguments the defaults fine-tune the tiny model shipped in
 // examples/assets/tiny-phi on the self-identity set in examples/assets — the
-// README's first command.
+// README's first command. The demo's eval set and prompts are used only when
+// --data is not given: a user's own data never gets the demo's evaluation.
+//
+// Settings whose right value depends on the architecture (LoRA targets,
+// modules_to_save, chat template, added tokens) default to the tutorial of
+// that architecture once config.json's model_type is known
+// (apply_architecture_defaults): Phi → the Phi-2 + PEFT tutorial, InternLM2 →
+// XTuner's internlm2_chat QLoRA config.
 #pragma once
 
 #include <qlora/core/error.hpp>
@@ -15,8 +22,11 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <limits>
+#include <set>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -36,9 +46,9 @@ struct TrainConfig {
   std::string model = QLORA_EXAMPLE_ASSETS "/tiny-phi";
   std::string tokenizer;  ///< folder with tokenizer.json or tokenizer.model; "" = the model's
   std::string data = QLORA_EXAMPLE_ASSETS "/self_identity/train.jsonl";
-  std::string eval_data = QLORA_EXAMPLE_ASSETS "/self_identity/eval.jsonl";
+  std::string eval_data;   ///< "" and no eval_split: no evaluation (the demo's set when --data is not given)
   double eval_split = 0;  ///< without eval_data: this fraction of the training samples is held out
-  std::string eval_prompts = QLORA_EXAMPLE_ASSETS "/self_identity/eval_prompts.txt";
+  std::string eval_prompts;  ///< "": none (the demo's prompts when --data is not given)
   std::string format = "detect";       ///< detect | xtuner | openai | messages | text
   std::string chat_template = "chatml";  ///< chatml | internlm2_chat | phi2_chatml | pretrain
   std::string system;                  ///< a system prompt for the eval prompts
@@ -82,8 +92,15 @@ struct TrainConfig {
   int max_new_tokens = 40;
   bool resume = true;  ///< continue from output_dir's latest checkpoint when there is one
 
+  /// The settings given by the config file or a flag (the rest are defaults).
+  std::set<std::string> given;
+
   /// Every setting as text, in a fixed order (for the run summary and the checkpoint).
   [[nodiscard]] std::map<std::string, std::string> as_text() const;
+  /// Throws InvalidArgument naming the first setting out of its range or set of choices.
+  void validate() const;
+  /// Sets the architecture-dependent defaults the user did not give (model_type "phi", "phi-msft" or "internlm2").
+  void apply_architecture_defaults(std::string_view model_type);
 };
 
 namespace detail {
@@ -119,6 +136,18 @@ Setting setting(T& field, std::string_view help) {
       field = text == "true" || text == "1";
     } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
       field = split_list(text);
+    } else if constexpr (std::is_integral_v<T>) {
+      // Read wide and range-check: a stream would wrap "-1" into a huge unsigned value.
+      std::istringstream in(text);
+      long long value = 0;
+      in >> value;
+      check(!in.fail() && in.eof(), "InvalidArgument", "expected an integer, got \"{}\"", text);
+      check(value >= static_cast<long long>(std::numeric_limits<T>::min()) &&
+                static_cast<unsigned long long>(std::max(value, 0LL)) <=
+                    static_cast<unsigned long long>(std::numeric_limits<T>::max()),
+            "InvalidArgument", "{} is out of range [{}, {}]", text, std::numeric_limits<T>::min(),
+            std::numeric_limits<T>::max());
+      field = static_cast<T>(value);
     } else {
       std::istringstream in(text);
       T value{};
@@ -127,11 +156,17 @@ Setting setting(T& field, std::string_view help) {
       field = value;
     }
   };
-  s.from_json = [&field](const qlora::detail::Json& value) {
-    try {
-      field = value.get<T>();
-    } catch (const std::exception&) {
-      throw Error("InvalidArgument", fmt::format("has the wrong type ({})", value.dump()));
+  s.from_json = [&field, from_text = s.from_text](const qlora::detail::Json& value) {
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+      // The same range checks as a flag: the JSON integer's text goes through from_text.
+      check(value.is_number_integer(), "InvalidArgument", "has the wrong type ({}): expected an integer", value.dump());
+      from_text(value.dump());
+    } else {
+      try {
+        field = value.get<T>();
+      } catch (const std::exception&) {
+        throw Error("InvalidArgument", fmt::format("has the wrong type ({})", value.dump()));
+      }
     }
   };
   s.to_text = [&field] {
@@ -202,6 +237,67 @@ inline std::map<std::string, std::string> TrainConfig::as_text() const {
   return text;
 }
 
+inline void TrainConfig::validate() const {
+  const auto one_of = [](std::string_view name, const std::string& value, std::initializer_list<std::string_view> choices) {
+    check(std::ranges::find(choices, value) != choices.end(), "InvalidArgument", "setting \"{}\" is \"{}\": expected {}",
+          name, value, fmt::join(choices, " | "));
+  };
+  one_of("format", format, {"detect", "xtuner", "openai", "messages", "text"});
+  one_of("chat_template", chat_template, {"chatml", "internlm2_chat", "phi2_chatml", "pretrain"});
+  one_of("packing", packing, {"none", "bin", "xtuner"});
+  one_of("quant", quant, {"nf4"});
+  one_of("compute", compute, {"fp32", "bf16"});
+  one_of("lr_scheduler", lr_scheduler, {"constant", "constant_with_warmup", "linear", "cosine"});
+  one_of("on_non_finite", on_non_finite, {"stop", "skip"});
+  const auto positive = [](std::string_view name, auto value) {
+    check(value > 0, "InvalidArgument", "setting \"{}\" is {}: expected a value > 0", name, value);
+  };
+  const auto non_negative = [](std::string_view name, auto value) {
+    check(value >= 0, "InvalidArgument", "setting \"{}\" is {}: expected a value >= 0", name, value);
+  };
+  positive("max_length", max_length);
+  positive("batch_size", batch_size);
+  positive("gradient_accumulation_steps", gradient_accumulation_steps);
+  positive("lora_r", lora_r);
+  positive("learning_rate", learning_rate);
+  positive("blocksize", blocksize);
+  non_negative("epochs", epochs);
+  non_negative("max_steps", max_steps);
+  non_negative("eval_steps", eval_steps);
+  non_negative("sample_steps", sample_steps);
+  non_negative("save_steps", save_steps);
+  non_negative("save_total_limit", save_total_limit);
+  non_negative("max_new_tokens", max_new_tokens);
+  non_negative("pad_to_multiple_of", pad_to_multiple_of);
+  non_negative("weight_decay", weight_decay);
+  non_negative("max_grad_norm", max_grad_norm);
+  check(warmup_ratio >= 0 && warmup_ratio <= 1, "InvalidArgument", "setting \"warmup_ratio\" is {}: expected [0, 1]",
+        warmup_ratio);
+  check(eval_split >= 0 && eval_split < 1, "InvalidArgument", "setting \"eval_split\" is {}: expected [0, 1)",
+        eval_split);
+  check(eval_split == 0 || eval_data.empty(), "InvalidArgument",
+        "both eval_data ({}) and eval_split ({}) are given: choose one", eval_data, eval_split);
+}
+
+inline void TrainConfig::apply_architecture_defaults(std::string_view model_type) {
+  const auto fill = [&](std::string_view name, auto& field, auto value) {
+    if (!given.contains(std::string(name))) field = std::move(value);
+  };
+  if (model_type == "internlm2") {
+    // XTuner's internlm2_chat QLoRA configs: LoRA on every linear but the output head, nothing
+    // trained in full, its own chat template; the tokenizer already has the ChatML tokens.
+    fill("target_modules", target_modules, std::vector<std::string>{"wqkv", "wo", "w1", "w2", "w3"});
+    fill("modules_to_save", modules_to_save, std::vector<std::string>{});
+    fill("chat_template", chat_template, std::string("internlm2_chat"));
+    fill("add_tokens", add_tokens, std::vector<std::string>{});
+    fill("eos_token", eos_token, std::string());
+    fill("pad_token", pad_token, std::string());
+    fill("pad_to_multiple_of", pad_to_multiple_of, std::int64_t{0});
+  }
+  // Phi (and phi-msft): the struct's defaults are the Phi-2 tutorial's.
+  validate();
+}
+
 inline std::string usage() {
   TrainConfig defaults;
   std::string text =
@@ -254,12 +350,21 @@ inline TrainConfig parse_arguments(int argc, char** argv) {
     check(document.is_object(), "InvalidArgument", "{}: expected a JSON object of settings", value);
     for (auto it = document.begin(); it != document.end(); ++it) {
       apply(it.key(), [&](detail::Setting& s) { s.from_json(it.value()); }, value);
+      config.given.insert(it.key());
     }
   }
   for (const auto& [name, value] : flags) {
     if (name == "config") continue;
     apply(name, [&](detail::Setting& s) { s.from_text(value); }, "command line");
+    config.given.insert(name);
   }
+  if (!config.given.contains("data")) {  // the demo: its own eval set and prompts, unless overridden
+    if (!config.given.contains("eval_data") && !config.given.contains("eval_split")) {
+      config.eval_data = QLORA_EXAMPLE_ASSETS "/self_identity/eval.jsonl";
+    }
+    if (!config.given.contains("eval_prompts")) config.eval_prompts = QLORA_EXAMPLE_ASSETS "/self_identity/eval_prompts.txt";
+  }
+  config.validate();
   return config;
 }
 

@@ -9,8 +9,10 @@
 #include <qlora/data/byte_level_bpe.hpp>
 
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -30,7 +32,7 @@ TEST_CASE("save_tokenizer_files writes the added tokens as they were trained", "
   tokenizer.set_special_token(SpecialRole::eos, "<|im_end|>");
   tokenizer.set_special_token(SpecialRole::pad, "<PAD>");
   std::vector<AddedToken> added;
-  for (const std::string& token : {"<|im_start|>", "<PAD>", "<|im_end|>"}) {
+  for (const std::string token : {"<|im_start|>", "<PAD>", "<|im_end|>"}) {
     const bool is_special = std::string(token) == "<|im_end|>";
     added.push_back({.content = token, .id = *tokenizer.token_to_id(token), .special = is_special,
                      .normalized = !is_special});
@@ -56,5 +58,27 @@ TEST_CASE("save_tokenizer_files writes the added tokens as they were trained", "
     test::require_error([&] { save_tokenizer_files(out, out, clash, {}); }, "InvalidTokenizerConfig", "<|other|>",
                         "<|im_start|>");
   }
+  std::filesystem::remove_all(out);
+}
+
+TEST_CASE("save_tokenizer_files reassigns the roles in special_tokens_map.json", "[data][tokenizer_files]") {
+  // A folder as transformers 4.x saves Phi-2's: the map holds EOS as an AddedToken object, BOS as text.
+  const std::filesystem::path source = std::filesystem::temp_directory_path() / "qlora_tokenizer_files_map_source";
+  const std::filesystem::path out = std::filesystem::temp_directory_path() / "qlora_tokenizer_files_map_out";
+  std::filesystem::remove_all(source);
+  std::filesystem::remove_all(out);
+  std::filesystem::copy(tiny_phi, source);
+  {
+    std::ofstream map(source / "special_tokens_map.json");
+    map << R"({"bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>", "lstrip": false}})";
+  }
+  save_tokenizer_files(source, out, {}, {{"eos_token", "<|im_end|>"}, {"pad_token", "<PAD>"}});
+  std::ifstream in(out / "special_tokens_map.json");
+  const auto map = nlohmann::json::parse(in);
+  CHECK(map["bos_token"] == "<|endoftext|>");
+  CHECK(map["eos_token"]["content"] == "<|im_end|>");
+  CHECK(map["eos_token"]["lstrip"] == false);
+  CHECK(map["pad_token"] == "<PAD>");
+  std::filesystem::remove_all(source);
   std::filesystem::remove_all(out);
 }

@@ -52,6 +52,19 @@ TEST_CASE("several packed rows lie end to end, each keeping its segments") {
   CHECK(joined.max_seqlen == packed.max_seqlen());
 }
 
+TEST_CASE("rows laid end to end keep the targets of stacked rows") {
+  // A causal LM shifts targets within a row, so the last token of the first row predicts nothing;
+  // end to end it would predict the second row's first token unless that label is -100.
+  const std::vector<qlora::TokenId> first{11, 12, 13}, second{21, 22};
+  PackedSequence a, b;
+  a.append_segment(first, first);
+  b.append_segment(second, second);
+  const std::vector<PackedSequence> rows{a, b};
+  const Batch joined = qlora::varlen_batch(rows);
+  CHECK(joined.input_ids == std::vector<qlora::TokenId>{11, 12, 13, 21, 22});
+  CHECK(joined.labels == std::vector<qlora::TokenId>{11, 12, 13, qlora::ignore_index, 22});
+}
+
 TEST_CASE("varlen input errors are named") {
   require_error([] { (void)qlora::varlen_batch({}); }, "EmptyBatch", "empty batch");
   PackedSequence broken;

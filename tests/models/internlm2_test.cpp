@@ -6,10 +6,13 @@
 // PEFT LoRA on wqkv/wo/w1/w2/w3 (one shared A on q/k/v, as InternLM2's one
 // lora_A) with `output` trained in full. Tolerances: model_fixture.hpp.
 #include <qlora/models/internlm2.hpp>
+#include <qlora/models/kv_cache.hpp>
 
 #include <catch2/catch.hpp>
 
+#include <numeric>
 #include <string>
+#include <vector>
 
 #include "models/model_fixture.hpp"
 #include "support/errors.hpp"
@@ -43,8 +46,39 @@ TEST_CASE("InternLM2's loss and every adapter gradient match PEFT's", "[models][
   }
 }
 
+TEST_CASE("InternLM2 with LoRA dropout gives the same gradients with gradient checkpointing on and off", "[models][internlm2]") {
+  test::check_checkpointing_with_dropout<InternLM2<NF4, float>>(fixture(), "tiny_internlm2", "packed");
+}
+
 TEST_CASE("Twenty QLoRA steps of InternLM2 follow torch + peft's loss curve", "[models][internlm2][training]") {
   test::check_training_curve<InternLM2<NF4, float>>(fixture(), "tiny_internlm2");
+}
+
+TEST_CASE("InternLM2 decodes through the KV cache as its full forward computes", "[models][internlm2]") {
+  // What qlora-chat runs: the prompt in one call, then token by token (GQA rows cached per KV head).
+  // Against CausalLm::logits, which the first test checks against the reference. 12 positions stay
+  // below max_position_embeddings (16): past it, dynamic NTK rescales by the length seen so far, and a
+  // cached decode then differs from a full forward by design (in transformers as here).
+  // Tolerance: kv_cache_test.cpp's 1e-5 of the largest logit (same fp32 maths, other summation order).
+  const auto model = fixture().model<InternLM2<NF4, float>>("tiny_internlm2", fixture().options());
+  const std::vector<std::int32_t> ids{5, 17, 42, 3, 99, 7, 11, 200, 64, 8, 150, 31};
+  std::vector<std::int32_t> positions(ids.size());
+  std::iota(positions.begin(), positions.end(), 0);
+  const std::vector<std::int32_t> cu_seqlens{0, static_cast<std::int32_t>(ids.size())};
+  const Tensor full = model.logits({ids, {}, positions, cu_seqlens, static_cast<std::int64_t>(ids.size())});
+  const auto vocab = static_cast<std::size_t>(model.vocab_size());
+  KvCache cache;
+  std::size_t done = 0;
+  for (const std::size_t n : {std::size_t{5}, std::size_t{1}, std::size_t{1}, std::size_t{2}, std::size_t{3}}) {
+    const Tensor logits = model.decode(std::span(ids).subspan(done, n), cache);
+    for (std::size_t t = 0; t < n; ++t) {
+      INFO("token " << done + t);
+      CHECK(test::relative_error(logits.span<const float>().subspan(t * vocab, vocab),
+                                 full.span<const float>().subspan((done + t) * vocab, vocab)) < 1e-5);
+    }
+    done += n;
+  }
+  REQUIRE(done == ids.size());
 }
 
 TEST_CASE("An InternLM2 config qlora cannot honour is refused", "[models][internlm2][errors]") {

@@ -173,6 +173,40 @@ void check_gradients(const ModelFixture& fixture, const std::string& folder, con
   }
 }
 
+/// With LoRA dropout on, gradient checkpointing changes nothing: its first
+/// forward draws the masks its recompute draws, so the loss and every gradient
+/// are the same bits as without checkpointing (the same fp32 operations in the
+/// same order, on the same thread count). The dropout must also be active: the
+/// loss differs from the one without dropout.
+template <class Model>
+void check_checkpointing_with_dropout(const ModelFixture& fixture, const std::string& folder, const std::string& name) {
+  const CaseBatch data(fixture, name);
+  const TokenBatch batch = data.batch();
+  const float scale = 1.0f / static_cast<float>(supervised_targets(batch));
+  const auto run = [&](double dropout, bool checkpointing) {
+    ModelOptions options = fixture.options();
+    options.lora.lora_dropout = dropout;
+    options.gradient_checkpointing = checkpointing;
+    Model model = fixture.model<Model>(folder, options);
+    const CrossEntropySums sums = model.forward_backward(batch, scale, 3);
+    std::vector<std::vector<float>> gradients;
+    for (const TrainableParameter& parameter : model.trainable_parameters()) {
+      const auto grad = parameter.grad.template span<const float>();
+      gradients.emplace_back(grad.begin(), grad.end());
+    }
+    return std::pair{sums.loss_sum, gradients};
+  };
+  const auto [plain_loss, plain_gradients] = run(0.1, false);
+  const auto [checkpointed_loss, checkpointed_gradients] = run(0.1, true);
+  CHECK(checkpointed_loss == plain_loss);
+  REQUIRE(checkpointed_gradients.size() == plain_gradients.size());
+  for (std::size_t i = 0; i < plain_gradients.size(); ++i) {
+    INFO("trainable tensor " << i);
+    CHECK(checkpointed_gradients[i] == plain_gradients[i]);
+  }
+  CHECK(run(0.0, false).first != plain_loss);
+}
+
 /// 20 optimizer steps from the initial adapter follow the fixture's loss
 /// curve within 1e-3 relative (the bar) and end at its weights.
 template <class Model>

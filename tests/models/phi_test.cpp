@@ -64,6 +64,10 @@ TEST_CASE("Phi's loss and every adapter gradient match PEFT's", "[models][phi]")
   }
 }
 
+TEST_CASE("Phi with LoRA dropout gives the same gradients with gradient checkpointing on and off", "[models][phi]") {
+  test::check_checkpointing_with_dropout<Phi<NF4, float>>(fixture(), "tiny_phi", "packed");
+}
+
 TEST_CASE("Twenty QLoRA steps of Phi follow torch + peft's loss curve", "[models][phi][training]") {
   test::check_training_curve<Phi<NF4, float>>(fixture(), "tiny_phi");
 }
@@ -150,6 +154,10 @@ TEST_CASE("Config and weights that disagree are refused with the tensor named", 
     const EditedCheckpoint edited("qk_norm", no_tensor_edit, [](nlohmann::json& c) { c["qk_layernorm"] = true; });
     test::require_error([&] { load(edited.folder); }, "UnsupportedArchitecture", "qk_layernorm");
   }
+  SECTION("dropout on the attention probabilities, which qlora does not implement") {
+    const EditedCheckpoint edited("attention_dropout", no_tensor_edit, [](nlohmann::json& c) { c["attention_dropout"] = 0.1; });
+    test::require_error([&] { load(edited.folder); }, "UnsupportedArchitecture", "attention_dropout is 0.1");
+  }
   SECTION("a config field of the wrong type") {
     const EditedCheckpoint edited("bad_field", no_tensor_edit, [](nlohmann::json& c) { c["num_attention_heads"] = "four"; });
     test::require_error([&] { load(edited.folder); }, "InvalidModelConfig", "num_attention_heads", "\"four\"");
@@ -157,6 +165,47 @@ TEST_CASE("Config and weights that disagree are refused with the tensor named", 
   SECTION("no checkpoint at all") {
     test::require_error([&] { load(models_dir + "/does_not_exist"); }, "IoError", "does_not_exist");
   }
+  SECTION("InternLM2's LoRA targets, which match no Phi linear") {
+    ModelOptions options = fixture_options();
+    options.lora.target_modules = {"wqkv", "wo", "w1", "w2", "w3"};
+    test::require_error([&] { (void)Phi<NF4, float>::load(models_dir + "/tiny_phi", options); },
+                        "NoMatchingTargetModules", "wqkv, wo, w1, w2, w3", "model.layers.0.self_attn.q_proj");
+  }
+  SECTION("InternLM2's output head in modules_to_save") {
+    ModelOptions options = fixture_options();
+    options.lora.modules_to_save = {"output"};
+    test::require_error([&] { (void)Phi<NF4, float>::load(models_dir + "/tiny_phi", options); },
+                        "NoMatchingModulesToSave", "\"output\"", "lm_head");
+  }
+}
+
+TEST_CASE("Phi's embedding dropout (embd_pdrop) acts in training only, alike with checkpointing", "[models][phi]") {
+  const EditedCheckpoint edited("embd_pdrop", no_tensor_edit, [](nlohmann::json& c) { c["embd_pdrop"] = 0.5; });
+  const test::CaseBatch data(fixture(), "packed");
+  const TokenBatch batch = data.batch();
+  struct Run {
+    double eval_loss, train_loss;
+    std::vector<std::vector<float>> gradients;
+  };
+  const auto run = [&](const std::filesystem::path& folder, bool checkpointing) {
+    ModelOptions options = fixture_options();
+    options.gradient_checkpointing = checkpointing;
+    Phi<NF4, float> model = Phi<NF4, float>::load(folder, options);
+    model.load_adapter(fixture().initial_adapter(model));
+    Run result{model.evaluate(batch).loss_sum, model.forward_backward(batch, 1.0f, 0).loss_sum, {}};
+    for (const TrainableParameter& parameter : model.trainable_parameters()) {
+      const auto grad = parameter.grad.span<const float>();
+      result.gradients.emplace_back(grad.begin(), grad.end());
+    }
+    return result;
+  };
+  const Run plain = run(models_dir + "/tiny_phi", false);
+  const Run dropped = run(edited.folder, false);
+  const Run checkpointed = run(edited.folder, true);
+  CHECK(dropped.eval_loss == plain.eval_loss);    // inference: no dropout, the same bits
+  CHECK(dropped.train_loss != plain.train_loss);  // training: half the embedding output dropped
+  CHECK(checkpointed.train_loss == dropped.train_loss);
+  CHECK(checkpointed.gradients == dropped.gradients);  // embed_tokens' gradient goes through the same mask
 }
 
 TEST_CASE("The remote-code Phi checkpoint (Wqkv, out_proj) loads to the same model", "[models][phi]") {

@@ -8,8 +8,11 @@
 //     "added_tokens" with its id and flags;
 //   * tokenizer_config.json: each in "added_tokens_decoder" ("<id>": {...}),
 //     and the special roles reassigned ("eos_token": "<|im_end|>", ...);
-//   * every other tokenizer file (tokenizer.model, special_tokens_map.json,
-//     vocab.json, merges.txt, added_tokens.json) copied as it is.
+//   * special_tokens_map.json, when the source has one: the same roles
+//     reassigned (transformers rewrites it from the current roles; a stale
+//     copy would give the old EOS to anything that reads it);
+//   * every other tokenizer file (tokenizer.model, vocab.json, merges.txt,
+//     added_tokens.json) copied as it is.
 // Each file is written atomically. A token already in the source files is
 // left as it is.
 #pragma once
@@ -69,7 +72,7 @@ inline void save_tokenizer_files(const std::filesystem::path& source, const std:
   std::error_code error;
   std::filesystem::create_directories(destination, error);
   check(!error, "IoError", "cannot create {}: {}", destination.string(), error.message());
-  for (const char* name : {"tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"}) {
+  for (const char* name : {"tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json"}) {
     if (!std::filesystem::exists(source / name)) continue;
     const MappedFile file(source / name);
     write_file_atomically(destination / name, [&](AtomicFile& out) { out.write(file.bytes()); });
@@ -102,6 +105,18 @@ inline void save_tokenizer_files(const std::filesystem::path& source, const std:
   }
   for (const auto& [role, content] : roles) config[role] = content;
   detail::write_json_file(destination / "tokenizer_config.json", config);
+  if (std::filesystem::exists(source / "special_tokens_map.json")) {
+    detail::OrderedJson map = detail::read_tokenizer_json_file(source / "special_tokens_map.json");
+    for (const auto& [role, content] : roles) {
+      // An entry is the token's text or an AddedToken object {"content": ..., flags}.
+      if (map.contains(role) && map[role].is_object()) {
+        map[role]["content"] = content;
+      } else {
+        map[role] = content;
+      }
+    }
+    detail::write_json_file(destination / "special_tokens_map.json", map);
+  }
 }
 
 }  // namespace qlora

@@ -113,11 +113,12 @@ inline bool is_vocabulary_tensor(std::string_view name) {
 }
 
 /// Files of a model folder besides the weights that a merged model needs:
-/// configs, tokenizer files (any format transformers reads), chat templates.
+/// configs, tokenizer files (any format transformers reads), chat templates
+/// (qlora_chat.json: the prompt format qlora-train records for qlora-chat).
 inline constexpr std::string_view model_side_files[] = {
-    "generation_config.json", "tokenizer.json",   "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model",        "added_tokens.json", "vocab.json",            "merges.txt",
-    "vocab.txt",              "chat_template.jinja", "chat_template.json"};
+    "generation_config.json", "tokenizer.json",      "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model",        "added_tokens.json",   "vocab.json",            "merges.txt",
+    "vocab.txt",              "chat_template.jinja", "chat_template.json",    "qlora_chat.json"};
 /// Of those, the ones training may change (added tokens, a chat template): the adapter folder's copy wins.
 inline bool is_tokenizer_file(std::string_view name) { return name != "generation_config.json"; }
 

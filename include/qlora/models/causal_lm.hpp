@@ -37,10 +37,14 @@
 #include <qlora/nn/layer_norm.hpp>
 #include <qlora/nn/lm_head.hpp>
 
+#include <fmt/format.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <numeric>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -66,6 +70,15 @@ struct LayerContext {
   unsigned threads = 1;
 
   static constexpr std::uint64_t sites_per_layer = 16;
+  /// The embedding output's dropout (Phi's embd_pdrop) draws from layer 0's last site.
+  static constexpr std::uint64_t embedding_dropout_site = sites_per_layer - 1;
+  /// The Philox stream that draws the LoRA A of `site` in layer `layer`. The
+  /// top bit keeps it apart from every dropout stream (lora_key: step-major
+  /// counts that stay far below 2^63), so that step 0's dropout masks are not
+  /// the bits that drew A.
+  static constexpr std::uint64_t init_stream(std::size_t layer, std::uint64_t site) {
+    return (std::uint64_t{1} << 63) | (static_cast<std::uint64_t>(layer) * sites_per_layer + site);
+  }
   [[nodiscard]] std::optional<DropoutKey> lora_key(std::uint64_t site) const {
     if (!step) return std::nullopt;
     return DropoutKey{seed, (*step * layer_count + layer) * sites_per_layer + site};
@@ -86,6 +99,28 @@ struct CausalLmWeights {
   Tensor lm_head_weight;        ///< [V, H]
   Tensor lm_head_bias;          ///< [V] or empty
 };
+
+namespace detail {
+/// sum += term, element-wise (F32 tensors of one shape).
+inline void add_into(Tensor& sum, const Tensor& term) {
+  const auto destination = sum.span<float>();
+  const auto source = term.span<const float>();
+  for (std::size_t i = 0; i < destination.size(); ++i) destination[i] += source[i];
+}
+/// A [tokens, heads, head_dim] view of the F32 [tokens, heads · head_dim] tensor `t` (or back).
+inline TensorView reshaped(const Tensor& t, Shape shape) {
+  check(shape.numel() == t.numel(), "ShapeMismatch", "reshape of {} to {}", t.shape().to_string(), shape.to_string());
+  return TensorView(t.view().raw_data(), DType::F32, shape);
+}
+/// t · mask (a dropout's forward, or its backward on the gradient), F32.
+inline Tensor masked(const Tensor& t, const DropoutMask& mask) {
+  Tensor out(DType::F32, t.shape());
+  const auto source = t.span<const float>();
+  const auto destination = out.span<float>();
+  for (std::size_t i = 0; i < source.size(); ++i) destination[i] = source[i] * mask.factor(i);
+  return out;
+}
+}  // namespace detail
 
 template <class Architecture, QuantPolicy Quant = NF4, FloatStorage Compute = bf16>
 class CausalLm {
@@ -108,6 +143,7 @@ class CausalLm {
         model.layers_.push_back(Architecture::template load_layer<Linear, Quant, Compute>(model.config_, i, tensors, options));
       }
       tensors.expect_all_used();
+      model.check_lora_targets();
       model.allocate_gradients();
       return model;
     } catch (const Error& e) {
@@ -126,7 +162,10 @@ class CausalLm {
     batch.validate();
     check(!batch.labels.empty(), "InvalidBatch", "forward_backward needs labels");
     const bool keep = !options_.gradient_checkpointing;
+    const DropoutMask embedding_drop =
+        context(0, step).mask(LayerContext::embedding_dropout_site, Architecture::embedding_dropout(config_));
     Tensor h = embed(batch.input_ids);
+    if (embedding_drop.active()) h = detail::masked(h, embedding_drop);
     std::vector<LayerState> states(layers_.size());
     for (std::size_t i = 0; i < layers_.size(); ++i) {
       states[i].input = std::move(h);
@@ -148,7 +187,10 @@ class CausalLm {
       dh = Architecture::layer_backward(config_, layers_[i], batch, context(i, step), states[i], std::move(dh));
       states[i] = {};
     }
-    if (train_embed_tokens_) embedding_backward(batch.input_ids, dh.view(), grad_embed_tokens_.view(), threads());
+    if (train_embed_tokens_) {
+      if (embedding_drop.active()) dh = detail::masked(dh, embedding_drop);
+      embedding_backward(batch.input_ids, dh.view(), grad_embed_tokens_.view(), threads());
+    }
     return sums;
   }
 
@@ -313,6 +355,37 @@ class CausalLm {
     }
   }
 
+  /// As PEFT refuses a target list that matches no module (a LoRA that would
+  /// train nothing), and, stricter than PEFT, a modules_to_save entry that
+  /// names neither the embedding nor the output head (the only modules qlora
+  /// trains in full): a typo, or the other architecture's names, must not
+  /// start a run that silently trains less than asked.
+  void check_lora_targets() const {
+    std::vector<std::string> paths;
+    bool any_lora = false;
+    for (const Layer& layer : layers_) {
+      for (const auto& [path, linear] : layer.named_linears()) {
+        paths.push_back(path);
+        any_lora = any_lora || linear->lora() != nullptr;
+      }
+    }
+    const LoraConfig& lora = options_.lora;
+    const bool asked = lora.target_modules_regex.has_value() || !lora.target_modules.empty();
+    const std::string wanted = lora.target_modules_regex ? *lora.target_modules_regex
+                                                         : fmt::format("{}", fmt::join(lora.target_modules, ", "));
+    check(!asked || any_lora, "NoMatchingTargetModules",
+          "target modules [{}] match none of the model's linear layers (the first layer's: {})", wanted,
+          fmt::join(std::span(paths).first(paths.size() / std::max<std::size_t>(layers_.size(), 1)), ", "));
+    for (const std::string& name : lora.modules_to_save) {
+      LoraConfig single;
+      single.modules_to_save = {name};
+      check(single.is_module_to_save(Architecture::embed_path) || single.is_module_to_save(Architecture::lm_head_path),
+            "NoMatchingModulesToSave",
+            "modules_to_save \"{}\" is neither the embedding ({}) nor the output head ({}), the modules {} trains in full",
+            name, Architecture::embed_path, Architecture::lm_head_path, Architecture::name);
+    }
+  }
+
   void allocate_gradients() {
     train_embed_tokens_ = options_.lora.is_module_to_save(Architecture::embed_path);
     train_lm_head_ = options_.lora.is_module_to_save(Architecture::lm_head_path);
@@ -349,27 +422,5 @@ class CausalLm {
   bool train_embed_tokens_ = false, train_lm_head_ = false;
   Tensor grad_embed_tokens_, grad_lm_head_weight_, grad_lm_head_bias_;
 };
-
-namespace detail {
-/// sum += term, element-wise (F32 tensors of one shape).
-inline void add_into(Tensor& sum, const Tensor& term) {
-  const auto destination = sum.span<float>();
-  const auto source = term.span<const float>();
-  for (std::size_t i = 0; i < destination.size(); ++i) destination[i] += source[i];
-}
-/// A [tokens, heads, head_dim] view of the F32 [tokens, heads · head_dim] tensor `t` (or back).
-inline TensorView reshaped(const Tensor& t, Shape shape) {
-  check(shape.numel() == t.numel(), "ShapeMismatch", "reshape of {} to {}", t.shape().to_string(), shape.to_string());
-  return TensorView(t.view().raw_data(), DType::F32, shape);
-}
-/// dh · mask (a residual dropout's backward), F32.
-inline Tensor masked(const Tensor& dh, const DropoutMask& mask) {
-  Tensor grad(DType::F32, dh.shape());
-  const auto source = dh.span<const float>();
-  const auto destination = grad.span<float>();
-  for (std::size_t i = 0; i < source.size(); ++i) destination[i] = source[i] * mask.factor(i);
-  return grad;
-}
-}  // namespace detail
 
 }  // namespace qlora

@@ -128,7 +128,7 @@ struct InternLM2Architecture {
       const Tensor bias = config.bias ? tensors.dense(path + ".bias", Shape{out}) : Tensor{};
       return Linear(path, std::move(base), config.bias ? bias.view() : TensorView{}, options.lora,
                     {.init_seed = options.seed,
-                     .init_stream = static_cast<std::uint64_t>(index) * LayerContext::sites_per_layer + site,
+                     .init_stream = LayerContext::init_stream(static_cast<std::size_t>(index), site),
                      .threads = options.threads});
     };
     layer.wqkv.emplace(linear(layer.prefix + ".attention.wqkv", fused, h, 0));
@@ -141,6 +141,9 @@ struct InternLM2Architecture {
                                       .max_position_embeddings = config.max_position_embeddings});
     return layer;
   }
+
+  /// InternLM2 has no dropout on the embedding output.
+  static double embedding_dropout(const Config&) { return 0; }
 
   static NormStatistics final_norm_forward(const Config& config, const CausalLmWeights& weights, const TensorView& h,
                                            const TensorView& u, unsigned threads) {

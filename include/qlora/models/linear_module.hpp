@@ -57,13 +57,19 @@ class LinearModule {
   }
   /// The model-side call: x and y in fp32 (the activations between layers),
   /// rounded to Compute for the layer. With `saved`, a training forward whose
-  /// activations land there; without, inference.
+  /// activations land there. Without `saved` but with a dropout `key`, a
+  /// training forward whose activations are dropped at once: gradient
+  /// checkpointing's first pass, which must draw the same LoRA dropout as its
+  /// recompute (else the loss and the gradients belong to different masks).
+  /// With neither, inference.
   [[nodiscard]] Tensor forward_f32(const TensorView& x, std::optional<LoraActivations>* saved,
                                    std::optional<DropoutKey> key) const {
     const Tensor x_compute = detail::to_compute<Compute>(x);
     Tensor y(dtype_of_v<Compute>, Shape{x.shape()[0], out_features()});
     if (saved != nullptr) {
       *saved = forward_train(x_compute.view(), y.view(), key);
+    } else if (key.has_value()) {
+      (void)forward_train(x_compute.view(), y.view(), key);
     } else {
       forward(x_compute.view(), y.view());
     }

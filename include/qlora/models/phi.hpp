@@ -107,7 +107,7 @@ struct PhiArchitecture {
       const Tensor bias = tensors.dense_rows(name + ".bias", Shape{full_out}, row_begin, row_begin + out);
       return Linear(path, std::move(base), bias.view(), options.lora,
                     {.init_seed = options.seed,
-                     .init_stream = static_cast<std::uint64_t>(index) * LayerContext::sites_per_layer + site,
+                     .init_stream = LayerContext::init_stream(static_cast<std::size_t>(index), site),
                      .threads = options.threads});
     };
     const std::string attention = layer.prefix + ".self_attn";
@@ -131,6 +131,9 @@ struct PhiArchitecture {
                                       .max_position_embeddings = config.max_position_embeddings});
     return layer;
   }
+
+  /// PhiModel's embed_dropout on the embedding output (training only).
+  static double embedding_dropout(const Config& config) { return config.embd_pdrop; }
 
   static NormStatistics final_norm_forward(const Config& config, const CausalLmWeights& weights, const TensorView& h,
                                            const TensorView& u, unsigned threads) {

@@ -100,6 +100,11 @@ struct PhiConfig {
     }
     config.resid_pdrop = fields.number("resid_pdrop", 0.0);
     config.embd_pdrop = fields.number("embd_pdrop", 0.0);
+    // Dropout on the attention probabilities is not implemented (Phi-1, 1.5 and 2 ship 0.0): refused
+    // rather than silently trained without.
+    check(fields.number("attention_dropout", 0.0) == 0.0, "UnsupportedArchitecture",
+          "{}: attention_dropout is {}; qlora's attention has no dropout on its probabilities (set it to 0.0)",
+          fields.source(), fields.number("attention_dropout", 0.0));
     config.bos_token_id = fields.integer("bos_token_id", config.bos_token_id);
     config.eos_token_id = fields.integer("eos_token_id", config.eos_token_id);
     check(!fields.boolean("tie_word_embeddings", false), "UnsupportedArchitecture",

@@ -44,7 +44,7 @@ struct MicroBatch {
 };
 
 struct TrainStepResult {
-  double loss = 0;                   ///< Σ CE / N_window (NaN or Inf when skipped for it)
+  double loss = 0;                   ///< Σ CE / N_window (NaN or Inf when skipped for it; NaN when N_window = 0)
   std::int64_t supervised_tokens = 0;  ///< N_window
   std::int64_t input_tokens = 0;     ///< every token the window ran, padding included
   double grad_norm = 0;              ///< before clipping
@@ -58,12 +58,20 @@ inline std::int64_t supervised_targets(const TokenBatch& batch) {
   return count;
 }
 
+/// Micro-batch i of optimizer step s runs forward_backward with dropout step (s << micro_batch_bits) + i.
+inline constexpr unsigned micro_batch_bits = 16;
+
 /// `model` has forward_backward(TokenBatch, grad_scale, step) -> CrossEntropySums,
 /// zero_grad() and trainable_parameters(); `optimizer` has step(lr).
 template <class Model, class Optimizer>
 TrainStepResult train_step(Model& model, Optimizer& optimizer, std::span<const MicroBatch> window, double lr,
                            std::uint64_t step, const TrainStepOptions& options = {}) {
   check(!window.empty(), "InvalidArgument", "train_step {}: an empty accumulation window", step);
+  // Bounds that keep every dropout stream (LayerContext::lora_key: micro step x layers x 16 sites, for up
+  // to 1024 layers) below 2^63, apart from the LoRA-init streams.
+  check(window.size() < (std::size_t{1} << micro_batch_bits) && step < (std::uint64_t{1} << 32), "InvalidArgument",
+        "train_step {}: {} micro-batches; at most 2^{} per window and 2^32 steps", step, window.size(),
+        micro_batch_bits);
   TrainStepResult result;
   for (const MicroBatch& micro : window) {
     result.supervised_tokens += supervised_targets(micro.batch);
@@ -71,13 +79,16 @@ TrainStepResult train_step(Model& model, Optimizer& optimizer, std::span<const M
   }
   model.zero_grad();
   if (result.supervised_tokens == 0) {  // nothing to learn from: a zero gradient, no step (no Adam state drift)
+    result.loss = std::nan("");          // 0/0: no loss was measured (a logged 0 would read as a perfect step)
     result.skipped = true;
     return result;
   }
   const float grad_scale = 1.0f / static_cast<float>(result.supervised_tokens);
   double loss_sum = 0;
   for (std::size_t i = 0; i < window.size(); ++i) {
-    const CrossEntropySums sums = model.forward_backward(window[i].batch, grad_scale, step * window.size() + i);
+    // The micro-batch's dropout key: unique however window sizes vary (an epoch's last window may be short).
+    const std::uint64_t micro_step = (step << micro_batch_bits) + i;
+    const CrossEntropySums sums = model.forward_backward(window[i].batch, grad_scale, micro_step);
     loss_sum += sums.loss_sum;
     if (!std::isfinite(sums.loss_sum)) {
       check(options.on_non_finite == NonFinitePolicy::skip_step, "NonFiniteLoss",
