@@ -29,6 +29,7 @@
 //       ru_maxrss means that case alone.
 #include <benchmark/benchmark.h>
 
+#include <qlora/core/heap_retention.hpp>
 #include <qlora/models/phi.hpp>
 #include <qlora/optim/adamw.hpp>
 #include <qlora/train/training_step.hpp>
@@ -412,6 +413,8 @@ void register_benchmarks() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // As qlora-train does (core/heap_retention.hpp); the torch side runs with its defaults.
+  (void)qlora::retain_freed_heap_memory();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   register_benchmarks();

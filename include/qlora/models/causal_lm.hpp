@@ -113,11 +113,17 @@ inline TensorView reshaped(const Tensor& t, Shape shape) {
   return TensorView(t.view().raw_data(), DType::F32, shape);
 }
 /// t · mask (a dropout's forward, or its backward on the gradient), F32.
-inline Tensor masked(const Tensor& t, const DropoutMask& mask) {
+/// Each element draws its own Philox block: worth spreading over threads.
+inline Tensor masked(const Tensor& t, const DropoutMask& mask, unsigned threads) {
   Tensor out(DType::F32, t.shape());
   const auto source = t.span<const float>();
   const auto destination = out.span<float>();
-  for (std::size_t i = 0; i < source.size(); ++i) destination[i] = source[i] * mask.factor(i);
+  parallel_for(static_cast<std::int64_t>(source.size()), std::int64_t{1} << 14, [&](std::int64_t i0, std::int64_t i1) {
+    for (std::int64_t i = i0; i < i1; ++i) {
+      const auto e = static_cast<std::size_t>(i);
+      destination[e] = source[e] * mask.factor(static_cast<std::uint64_t>(i));
+    }
+  }, threads);
   return out;
 }
 }  // namespace detail
@@ -165,7 +171,7 @@ class CausalLm {
     const DropoutMask embedding_drop =
         context(0, step).mask(LayerContext::embedding_dropout_site, Architecture::embedding_dropout(config_));
     Tensor h = embed(batch.input_ids);
-    if (embedding_drop.active()) h = detail::masked(h, embedding_drop);
+    if (embedding_drop.active()) h = detail::masked(h, embedding_drop, threads());
     std::vector<LayerState> states(layers_.size());
     for (std::size_t i = 0; i < layers_.size(); ++i) {
       states[i].input = std::move(h);
@@ -188,7 +194,7 @@ class CausalLm {
       states[i] = {};
     }
     if (train_embed_tokens_) {
-      if (embedding_drop.active()) dh = detail::masked(dh, embedding_drop);
+      if (embedding_drop.active()) dh = detail::masked(dh, embedding_drop, threads());
       embedding_backward(batch.input_ids, dh.view(), grad_embed_tokens_.view(), threads());
     }
     return sums;

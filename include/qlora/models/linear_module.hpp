@@ -64,22 +64,24 @@ class LinearModule {
   /// With neither, inference.
   [[nodiscard]] Tensor forward_f32(const TensorView& x, std::optional<LoraActivations>* saved,
                                    std::optional<DropoutKey> key) const {
-    const Tensor x_compute = detail::to_compute<Compute>(x);
+    Tensor rounded;
+    const TensorView x_compute = detail::compute_view<Compute>(x, rounded);
     Tensor y(dtype_of_v<Compute>, Shape{x.shape()[0], out_features()});
     if (saved != nullptr) {
-      *saved = forward_train(x_compute.view(), y.view(), key);
+      *saved = forward_train(x_compute, y.view(), key);
     } else if (key.has_value()) {
-      (void)forward_train(x_compute.view(), y.view(), key);
+      (void)forward_train(x_compute, y.view(), key);
     } else {
-      forward(x_compute.view(), y.view());
+      forward(x_compute, y.view());
     }
     return detail::to_f32<Compute>(std::move(y));
   }
   /// backward() with fp32 dy and dx.
   [[nodiscard]] Tensor backward_f32(const std::optional<LoraActivations>& saved, const TensorView& dy) {
-    const Tensor dy_compute = detail::to_compute<Compute>(dy);
+    Tensor rounded;
+    const TensorView dy_compute = detail::compute_view<Compute>(dy, rounded);
     Tensor dx(dtype_of_v<Compute>, Shape{dy.shape()[0], in_features()});
-    backward(saved, dy_compute.view(), dx.view());
+    backward(saved, dy_compute, dx.view());
     return detail::to_f32<Compute>(std::move(dx));
   }
 

@@ -204,14 +204,14 @@ struct PhiArchitecture {
     const std::int64_t tokens = batch.tokens();
     const unsigned threads = context.threads;
     // MLP branch: fc2 ← gelu_new ← fc1.
-    const Tensor d_mlp = detail::masked(dh, context.mask(mlp_residual_site, config.resid_pdrop));
+    const Tensor d_mlp = detail::masked(dh, context.mask(mlp_residual_site, config.resid_pdrop), threads);
     const Tensor d_activated = layer.fc2->backward_f32(state.fc2, d_mlp.view());
     Tensor d_fc1(DType::F32, state.fc1_out.shape());
     gelu_new_backward(state.fc1_out.view(), d_activated.view(), d_fc1.view(), threads);
     Tensor du = layer.fc1->backward_f32(state.fc1, d_fc1.view());
 
     // Attention branch: dense ← attention ← rotary ← q/k/v.
-    const Tensor d_attention = detail::masked(dh, context.mask(attention_residual_site, config.resid_pdrop));
+    const Tensor d_attention = detail::masked(dh, context.mask(attention_residual_site, config.resid_pdrop), threads);
     const Tensor d_context = layer.dense->backward_f32(state.dense, d_attention.view());
     const Shape q_heads = heads(config, tokens, config.num_attention_heads);
     const Shape kv_heads = heads(config, tokens, config.num_key_value_heads);

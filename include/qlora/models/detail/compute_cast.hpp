@@ -1,8 +1,8 @@
 // IWYU pragma: private
 // Models keep activations in fp32 between layers (norms, attention, the
 // residual stream: what PEFT's prepare_model_for_kbit_training leaves in
-// fp32) and hand the linears their Compute type. These two helpers are the
-// crossings; for Compute = float they are plain copies.
+// fp32) and hand the linears their Compute type. These helpers are the
+// crossings; for Compute = float they copy nothing.
 #pragma once
 
 #include <qlora/core/dtype.hpp>
@@ -18,6 +18,17 @@ Tensor to_compute(const TensorView& x) {
   const auto destination = out.span<Compute>();
   for (std::size_t i = 0; i < source.size(); ++i) destination[i] = from_float<Compute>(source[i]);
   return out;
+}
+
+/// F32 `x` as Compute: `x` itself for Compute = float, else rounded into `storage`.
+template <FloatStorage Compute>
+TensorView compute_view(const TensorView& x, Tensor& storage) {
+  if constexpr (std::is_same_v<Compute, float>) {
+    return x;
+  } else {
+    storage = to_compute<Compute>(x);
+    return storage.view();
+  }
 }
 
 /// A Compute tensor widened to F32 (exact).
