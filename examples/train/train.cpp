@@ -260,9 +260,10 @@ int train(const TrainConfig& config, const PreparedData& data) {
     optimizer.add(parameter.name, parameter.value, parameter.grad, parameter.decay);
     trainable += parameter.value.numel();
   }
-  fmt::print("Training {} parameters: {} rows in {} batches per epoch, {} steps ({} epochs x {} steps, accumulation {})\n",
-             trainable, loader.rows().size(), loader.batches_per_epoch(), total_steps, config.epochs, steps_per_epoch,
-             accumulation);
+  const std::string length = config.max_steps > 0 ? fmt::format("max_steps; {} per epoch", steps_per_epoch)
+                                                  : fmt::format("{} epochs x {}", config.epochs, steps_per_epoch);
+  fmt::print("Training {} parameters: {} rows in {} batches per epoch, {} steps ({}, accumulation {})\n", trainable,
+             loader.rows().size(), loader.batches_per_epoch(), total_steps, length, accumulation);
 
   const std::filesystem::path run_dir = config.output_dir;
   std::int64_t start_step = 0;

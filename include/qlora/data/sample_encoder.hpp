@@ -158,8 +158,6 @@ class SampleEncoder {
     });
   }
 
-  /// As encode_into, but an error goes to on_error(const Error&), unlocated,
-  /// and the sample counts as rejected; false unless on_error throws.
   /// The ids a model continues from to answer `conversation` (which ends with
   /// a user message): the conversation as the template renders it, then the
   /// template's opening of an assistant turn (e.g. "<|im_start|>assistant\n"),
@@ -182,6 +180,8 @@ class SampleEncoder {
     throw Error("TemplateHasNoAnswer", "the template rendered no assistant answer to prompt for");
   }
 
+  /// As encode_into, but an error goes to on_error(const Error&), unlocated,
+  /// and the sample counts as rejected; false unless on_error throws.
   template <class OnError>
   bool encode_into(const Conversation& conversation, EncodedSample& out, OnError&& on_error) {
     ++stats_.samples_seen;

@@ -88,9 +88,10 @@ inline void exp_of_negated(const float* x, std::int64_t begin, std::int64_t end,
   exp_in_place(scratch, end - begin);
 }
 
-/// What an element-wise op's arguments must be: F32 host tensors with as many elements as the first.
-inline std::int64_t check_elementwise(std::string_view op, std::initializer_list<std::pair<const TensorView*, std::string_view>> tensors) {
-  const F32Arguments args{op};
+/// What an element-wise op's arguments must be: F32 tensors on `device` with as many elements as the first.
+inline std::int64_t check_elementwise(std::string_view op, std::initializer_list<std::pair<const TensorView*, std::string_view>> tensors,
+                                      Device device = Device::cpu) {
+  const F32Arguments args{op, device};
   const auto& [first, first_name] = *tensors.begin();
   for (const auto& [tensor, name] : tensors) args.same_size(*tensor, name, *first, first_name);
   return first->numel();

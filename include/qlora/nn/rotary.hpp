@@ -88,6 +88,26 @@ class RotaryEmbedding {
     rotate(dx, positions, seq_len, -1.0f, "rotary_embedding.apply_backward", "dx", threads);
   }
 
+  /// cos and sin [tokens, rotary_dim/2] of each token's angles, the values apply() turns it by
+  /// (for a backend that rotates elsewhere: cuda/rotary.cuh uploads them).
+  struct TokenAngles {
+    std::vector<float> cos, sin;
+  };
+  [[nodiscard]] TokenAngles token_angles(std::span<const std::int32_t> positions, std::int64_t seq_len,
+                                         const char* op) const {
+    const std::int32_t max_position = checked_positions(positions, seq_len, op);
+    const AngleSource source = angle_source(max_position, seq_len);
+    const auto width = static_cast<std::size_t>(half());
+    TokenAngles out{std::vector<float>(positions.size() * width), std::vector<float>(positions.size() * width)};
+    std::vector<float> cos_buffer(width), sin_buffer(width);
+    for (std::size_t t = 0; t < positions.size(); ++t) {
+      const auto [cos_row, sin_row] = source.rows(*this, positions[t], cos_buffer.data(), sin_buffer.data());
+      std::copy(cos_row, cos_row + width, out.cos.begin() + static_cast<std::ptrdiff_t>(t * width));
+      std::copy(sin_row, sin_row + width, out.sin.begin() + static_cast<std::ptrdiff_t>(t * width));
+    }
+    return out;
+  }
+
  private:
   /// cos and sin of the unscaled base for positions [0, positions), row-major [position, rotary_dim/2].
   struct AngleTable {
@@ -149,6 +169,42 @@ class RotaryEmbedding {
     return cache_->table;
   }
 
+  /// Checks positions (non-negative) and seq_len (positive); returns the largest position (0 if none).
+  static std::int32_t checked_positions(std::span<const std::int32_t> positions, std::int64_t seq_len, const char* op) {
+    check(seq_len > 0, "InvalidArgument", "{}: seq_len {} must be positive", op, seq_len);
+    std::int32_t max_position = 0;
+    for (std::size_t t = 0; t < positions.size(); ++t) {
+      check(positions[t] >= 0, "InvalidPositionIds", "{}: position {} of token {} is negative", op, positions[t], t);
+      max_position = std::max(max_position, positions[t]);
+    }
+    return max_position;
+  }
+
+  /// Where a call's cos/sin rows come from: the cached unscaled table, else computed per token.
+  struct AngleSource {
+    std::shared_ptr<const AngleTable> table;  ///< null when the base is NTK-scaled
+    std::vector<float> inv_freq;
+
+    /// The rows of `position`: the table's, or computed into the buffers.
+    std::pair<const float*, const float*> rows(const RotaryEmbedding& rope, std::int32_t position, float* cos_buffer,
+                                               float* sin_buffer) const {
+      const auto width = static_cast<std::size_t>(rope.half());
+      if (table && position < table->positions) {
+        return {&table->cos[static_cast<std::size_t>(position) * width],
+                &table->sin[static_cast<std::size_t>(position) * width]};
+      }
+      rope.angles(position, inv_freq, cos_buffer, sin_buffer);
+      return {cos_buffer, sin_buffer};
+    }
+  };
+
+  [[nodiscard]] AngleSource angle_source(std::int32_t max_position, std::int64_t seq_len) const {
+    const bool scaled = base(seq_len) != config_.theta;
+    return {scaled ? nullptr
+                   : table_for(std::min<std::int64_t>(std::int64_t{max_position} + 1, config_.max_position_embeddings)),
+            inverse_frequencies(seq_len)};
+  }
+
   void rotate(const TensorView& x, std::span<const std::int32_t> positions, std::int64_t seq_len, float sin_sign,
               const char* op, const char* name, unsigned threads) const {
     check(x.rank() == 3 && x.shape()[2] == config_.head_dim, "ShapeMismatch",
@@ -158,19 +214,10 @@ class RotaryEmbedding {
     detail::F32Arguments{op}.tensor(x, x.shape(), name);
     check(static_cast<std::int64_t>(positions.size()) == tokens, "ShapeMismatch", "{}: {} positions for {} tokens", op,
           positions.size(), tokens);
-    check(seq_len > 0, "InvalidArgument", "{}: seq_len {} must be positive", op, seq_len);
-    std::int32_t max_position = 0;
-    for (std::size_t t = 0; t < positions.size(); ++t) {
-      check(positions[t] >= 0, "InvalidPositionIds", "{}: position {} of token {} is negative", op, positions[t], t);
-      max_position = std::max(max_position, positions[t]);
-    }
+    const std::int32_t max_position = checked_positions(positions, seq_len, op);
     if (tokens == 0) return;
 
-    const bool scaled = base(seq_len) != config_.theta;
-    const std::shared_ptr<const AngleTable> table =
-        scaled ? nullptr
-               : table_for(std::min<std::int64_t>(std::int64_t{max_position} + 1, config_.max_position_embeddings));
-    const std::vector<float> inv_freq = inverse_frequencies(seq_len);
+    const AngleSource source = angle_source(max_position, seq_len);
     const int h = half();
     const std::int64_t head_dim = config_.head_dim;
     auto* data = x.data<float>();
@@ -178,15 +225,8 @@ class RotaryEmbedding {
     const auto rotate_tokens = [&](std::int64_t begin, std::int64_t end) {
       std::vector<float> cos_buffer(static_cast<std::size_t>(h)), sin_buffer(static_cast<std::size_t>(h));
       for (std::int64_t t = begin; t < end; ++t) {
-        const std::int32_t position = positions[static_cast<std::size_t>(t)];
-        const float* cos_row = cos_buffer.data();
-        const float* sin_row = sin_buffer.data();
-        if (table && position < table->positions) {
-          cos_row = &table->cos[static_cast<std::size_t>(position) * static_cast<std::size_t>(h)];
-          sin_row = &table->sin[static_cast<std::size_t>(position) * static_cast<std::size_t>(h)];
-        } else {
-          angles(position, inv_freq, cos_buffer.data(), sin_buffer.data());
-        }
+        const auto [cos_row, sin_row] =
+            source.rows(*this, positions[static_cast<std::size_t>(t)], cos_buffer.data(), sin_buffer.data());
         for (std::int64_t head = 0; head < heads; ++head) {
           float* first = data + (t * heads + head) * head_dim;
           float* second = first + h;

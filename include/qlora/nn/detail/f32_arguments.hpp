@@ -1,6 +1,7 @@
 // IWYU pragma: private
-// Argument checks shared by the nn/ CPU ops. Activations, gradients and
-// parameters are contiguous host F32 tensors of documented shapes; a bad one
+// Argument checks shared by the nn/ ops (and their CUDA launchers, with
+// device = Device::cuda). Activations, gradients and parameters are
+// contiguous F32 tensors of documented shapes; a bad one
 // is refused with an error naming the op, the argument and what was expected
 // ("layer_norm: dy is [4, 8], expected [4, 16]"), before anything is written.
 #pragma once
@@ -21,8 +22,9 @@ namespace qlora::detail {
 
 struct F32Arguments {
   std::string_view op;  ///< the function name errors start with
+  Device device = Device::cpu;  ///< where the tensors must be (the CUDA launchers check Device::cuda)
 
-  /// A contiguous host F32 tensor of exactly `expected` shape, with data.
+  /// A contiguous F32 tensor on `device` of exactly `expected` shape, with data.
   void tensor(const TensorView& t, const Shape& expected, std::string_view name) const {
     check(t.shape() == expected, "ShapeMismatch", "{}: {} is {}, expected {}", op, name, t.shape().to_string(),
           expected.to_string());
@@ -54,8 +56,8 @@ struct F32Arguments {
  private:
   void storage(const TensorView& t, std::string_view name) const {
     check(t.dtype() == DType::F32, "DTypeMismatch", "{}: {} is {}, expected F32", op, name, dtype_name(t.dtype()));
-    check(t.device() == Device::cpu, "DeviceMismatch", "{}: {} is on {}, expected a host tensor", op, name,
-          device_name(t.device()));
+    check(t.device() == device, "DeviceMismatch", "{}: {} is on {}, expected a {} tensor", op, name,
+          device_name(t.device()), device_name(device));
     check(t.is_contiguous(), "NotContiguous", "{}: {} {} is not contiguous", op, name, t.shape().to_string());
     check(t.numel() == 0 || t.raw_data() != nullptr, "NullPointer", "{}: {} has no data", op, name);
   }
