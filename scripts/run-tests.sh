@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/install-deps.sh cmake ninja-build g++ pkg-config catch2 libfmt-dev \
-  nlohmann-json3-dev libeigen3-dev libbenchmark-dev meson libsentencepiece-dev libpcre2-dev
+  nlohmann-json3-dev libeigen3-dev libbenchmark-dev meson libsentencepiece-dev libpcre2-dev \
+  libopenmpi-dev openmpi-bin
 
 build_dir=${QLORA_BUILD_DIR:-build-tests}
 jobs=${QLORA_JOBS:-$(nproc)}

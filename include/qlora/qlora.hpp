@@ -5,6 +5,7 @@
 #include <qlora/config.hpp>
 #include <qlora/core.hpp>
 #include <qlora/data.hpp>
+#include <qlora/dist.hpp>
 #include <qlora/io.hpp>
 #include <qlora/lora.hpp>
 #include <qlora/models.hpp>
