@@ -28,11 +28,13 @@
 #include <vector>
 
 #include "../chat/chat_settings.hpp"
+#include "job.hpp"
 #include "train_config.hpp"
 
 namespace {
 
 using namespace qlora;
+using train_example::Job;
 using train_example::TrainConfig;
 
 /// What the model side needs of the data side, with the tokenizer's and the
@@ -189,28 +191,39 @@ std::vector<std::string> answer_prompts(const Model& model, const PreparedData& 
 
 /// A checkpoint continues only the run that wrote it: every setting that
 /// changes the trajectory (data, model, hyper-parameters) must be the same, or
-/// "the same losses after a resume" would silently stop being true.
-void check_resumable(const TrainingCheckpoint& checkpoint, const TrainConfig& config) {
-  // What may change between the two processes: where and how often things are reported or kept, and
-  // how long the run goes on (the caller reports a schedule that changed with it).
+/// "the same losses after a resume" would silently stop being true. `settings`
+/// are this run's (TrainConfig::as_text and micro_batches_per_step).
+void check_resumable(const TrainingCheckpoint& checkpoint, const std::map<std::string, std::string>& settings) {
+  // What may change between the two processes: where and how often things are reported or kept, how
+  // long the run goes on (the caller reports a schedule that changed with it), and how a step's
+  // micro-batches are shared out (ranks x gradient_accumulation_steps: micro_batches_per_step must stay).
   static const std::set<std::string> free = {"resume", "threads", "eval_steps", "sample_steps", "save_steps",
                                              "save_total_limit", "max_new_tokens", "eval_prompts", "output_dir",
-                                             "max_steps", "epochs"};
+                                             "max_steps", "epochs", "gradient_accumulation_steps", "zero_stage"};
   std::vector<std::string> changed;
-  const std::map<std::string, std::string> now = config.as_text();
   for (const auto& [name, value] : checkpoint.state.hyper_parameters) {
     if (free.contains(name)) continue;
-    const auto it = now.find(name);
-    if (it == now.end() || it->second != value) {
-      changed.push_back(fmt::format("{} was \"{}\", now \"{}\"", name, value, it == now.end() ? "" : it->second));
+    const auto it = settings.find(name);
+    if (it == settings.end() || it->second != value) {
+      changed.push_back(fmt::format("{} was \"{}\", now \"{}\"", name, value, it == settings.end() ? "" : it->second));
     }
   }
   check(changed.empty(), "ResumeMismatch", "{} was written with other settings ({}); resume with the same settings, "
         "or pass --resume false with a new output_dir", checkpoint.dir.string(), fmt::join(changed, "; "));
 }
 
-template <class Model>
-int train(const TrainConfig& config, const PreparedData& data) {
+/// A fingerprint of a run's settings, for the ranks to compare at start.
+std::uint64_t settings_fingerprint(const std::map<std::string, std::string>& settings) {
+  DatasetFingerprint fingerprint;
+  for (const auto& [name, value] : settings) fingerprint.add(name).add(value);
+  return fingerprint.value();
+}
+
+/// Trains on `comm`'s ranks (one: AdamW; more: ZeroOptimizer at config.zero_stage). Rank 0 leads:
+/// it alone logs, checkpoints, answers the prompts and writes the adapter (job.hpp).
+template <class Model, class Comm>
+int train_on(const TrainConfig& config, const PreparedData& data, Comm& comm) {
+  const bool leader = comm.rank() == 0;
   ModelOptions options;
   options.lora.r = config.lora_r;
   options.lora.lora_alpha = config.lora_alpha;
@@ -238,13 +251,21 @@ int train(const TrainConfig& config, const PreparedData& data) {
   loader_options.rows_per_batch = config.batch_size;
   if (config.packing == "none") loader_options.padding = PadCollator(data.pad_id);
   EpochBatches loader(training_rows(data, config), loader_options);
-  // As transformers (>= 4.46) does: an optimizer step never spans two epochs; an
-  // epoch's last step takes the micro-batches left (ceil(batches / accumulation) steps).
-  const auto accumulation = static_cast<std::int64_t>(config.gradient_accumulation_steps);
+  // Ranks that start with other settings or data would average gradients of different runs.
+  std::map<std::string, std::string> settings = config.as_text();
+  const auto ranks = static_cast<std::int64_t>(comm.size());
+  const auto micro_per_step = static_cast<std::int64_t>(config.gradient_accumulation_steps) * ranks;
+  settings["micro_batches_per_step"] = std::to_string(micro_per_step);
+  check_same_on_every_rank(comm, "settings", settings_fingerprint(settings));
+  check_same_on_every_rank(comm, "training data",
+                           DatasetFingerprint().add(dataset_fingerprint(loader.rows())).value());
+  // As transformers (>= 4.46) does: an optimizer step never spans two epochs; an epoch's last
+  // step takes the micro-batches left (ceil(batches / micro-batches per step) steps). A step's
+  // micro-batches go to the ranks in turn: micro-batch i to rank i mod ranks.
   const auto batches_per_epoch = static_cast<std::int64_t>(loader.batches_per_epoch());
-  const std::int64_t steps_per_epoch = (batches_per_epoch + accumulation - 1) / accumulation;
+  const std::int64_t steps_per_epoch = (batches_per_epoch + micro_per_step - 1) / micro_per_step;
   const auto window_size = [&](std::int64_t step) {
-    return std::min(accumulation, batches_per_epoch - (step % steps_per_epoch) * accumulation);
+    return std::min(micro_per_step, batches_per_epoch - (step % steps_per_epoch) * micro_per_step);
   };
   const std::int64_t total_steps = config.max_steps > 0 ? config.max_steps : steps_per_epoch * config.epochs;
   check(total_steps > 0, "InvalidArgument", "nothing to train: epochs {} and max_steps {}", config.epochs, config.max_steps);
@@ -254,128 +275,176 @@ int train(const TrainConfig& config, const PreparedData& data) {
                       .total_steps = total_steps};
   schedule.validate();
 
-  AdamW optimizer(AdamWOptions{.weight_decay = config.weight_decay});
-  std::int64_t trainable = 0;
-  for (const TrainableParameter& parameter : model.trainable_parameters()) {
-    optimizer.add(parameter.name, parameter.value, parameter.grad, parameter.decay);
-    trainable += parameter.value.numel();
-  }
-  const std::string length = config.max_steps > 0 ? fmt::format("max_steps; {} per epoch", steps_per_epoch)
-                                                  : fmt::format("{} epochs x {}", config.epochs, steps_per_epoch);
-  fmt::print("Training {} parameters: {} rows in {} batches per epoch, {} steps ({}, accumulation {})\n", trainable,
-             loader.rows().size(), loader.batches_per_epoch(), total_steps, length, accumulation);
-
-  const std::filesystem::path run_dir = config.output_dir;
-  std::int64_t start_step = 0;
-  std::int64_t tokens_seen = 0;
-  std::optional<MetricsLog> log;
-  if (config.resume) {
-    if (const std::optional<ResumePoint> point = latest_checkpoint(run_dir)) {
-      for (const std::string& skipped : point->skipped) fmt::print("Skipping {}\n", skipped);
-      const TrainingCheckpoint& checkpoint = point->checkpoint;
-      check_resumable(checkpoint, config);
-      if (checkpoint.state.schedule.total_steps != schedule.total_steps) {
-        fmt::print("Note: the run now has {} steps (the checkpoint's had {}); where the schedule depends on the "
-                   "length, learning rates differ from the uninterrupted run's\n",
-                   schedule.total_steps, checkpoint.state.schedule.total_steps);
-      }
-      model.load_adapter(checkpoint.adapter());
-      optimizer.load_state(checkpoint.optimizer_state_file());
-      loader.restore(Cursor::from_json(checkpoint.state.data_cursor, checkpoint.dir.string()));
-      start_step = checkpoint.state.step;
-      if (const auto it = checkpoint.state.metrics.find("tokens_seen"); it != checkpoint.state.metrics.end()) {
-        tokens_seen = static_cast<std::int64_t>(it->second);
-      }
-      log.emplace(MetricsLog::resume(run_dir / "metrics.jsonl", start_step));
-      fmt::print("Resumed from {} (step {})\n", checkpoint.dir.string(), start_step);
+  const auto fit = [&](auto& optimizer) {
+    std::int64_t trainable = 0;
+    for (const TrainableParameter& parameter : model.trainable_parameters()) {
+      optimizer.add(parameter.name, parameter.value, parameter.grad, parameter.decay);
+      trainable += parameter.value.numel();
     }
-  }
-  if (!log) {
-    check(config.resume || !latest_checkpoint(run_dir), "OutputDirNotEmpty",
-          "{} holds checkpoints of an earlier run and resume is off: starting afresh would overwrite its "
-          "metrics; choose another output_dir or remove that one", run_dir.string());
-    std::filesystem::create_directories(run_dir);
-    log.emplace(MetricsLog::create(run_dir / "metrics.jsonl"));
-  }
-  if (start_step == 0) {
-    (void)answer_prompts(model, data, config, "before training", &*log, 0);
-  }
+    const std::string length = config.max_steps > 0 ? fmt::format("max_steps; {} per epoch", steps_per_epoch)
+                                                    : fmt::format("{} epochs x {}", config.epochs, steps_per_epoch);
+    const std::string sharing = ranks == 1 ? fmt::format("accumulation {}", micro_per_step)
+                                           : fmt::format("{} ranks x accumulation {}, ZeRO stage {}", ranks,
+                                                         config.gradient_accumulation_steps, config.zero_stage);
+    fmt::print("Training {} parameters: {} rows in {} batches per epoch, {} steps ({}, {})\n", trainable,
+               loader.rows().size(), loader.batches_per_epoch(), total_steps, length, sharing);
 
-  const auto save = [&](std::int64_t step, double epoch, double loss) {
-    TrainerState state;
-    state.step = step;
-    state.epoch = epoch;
-    state.data_cursor = loader.cursor().to_json();
-    state.seed = config.seed;
-    state.schedule = schedule;
-    state.hyper_parameters = config.as_text();
-    state.metrics = {{"tokens_seen", static_cast<double>(tokens_seen)}, {"loss", loss}};
-    const auto dir = save_checkpoint(run_dir, model.adapter(config.model),
-                                     [&](const std::filesystem::path& file) { optimizer.save_state(file); }, state,
-                                     {.keep_last = config.save_total_limit});
-    return dir;
+    const std::filesystem::path run_dir = config.output_dir;
+    std::int64_t start_step = 0;
+    std::int64_t tokens_seen = 0;
+    std::optional<MetricsLog> log;  // the leader's
+    bool resumed = false;
+    if (config.resume) {
+      if (const std::optional<ResumePoint> point = latest_checkpoint(run_dir)) {
+        for (const std::string& skipped : point->skipped) fmt::print("Skipping {}\n", skipped);
+        const TrainingCheckpoint& checkpoint = point->checkpoint;
+        check_resumable(checkpoint, settings);
+        if (checkpoint.state.schedule.total_steps != schedule.total_steps) {
+          fmt::print("Note: the run now has {} steps (the checkpoint's had {}); where the schedule depends on the "
+                     "length, learning rates differ from the uninterrupted run's\n",
+                     schedule.total_steps, checkpoint.state.schedule.total_steps);
+        }
+        model.load_adapter(checkpoint.adapter());
+        optimizer.load_state(checkpoint.optimizer_state_file());
+        loader.restore(Cursor::from_json(checkpoint.state.data_cursor, checkpoint.dir.string()));
+        start_step = checkpoint.state.step;
+        if (const auto it = checkpoint.state.metrics.find("tokens_seen"); it != checkpoint.state.metrics.end()) {
+          tokens_seen = static_cast<std::int64_t>(it->second);
+        }
+        if (leader) log.emplace(MetricsLog::resume(run_dir / "metrics.jsonl", start_step));
+        resumed = true;
+        fmt::print("Resumed from {} (step {})\n", checkpoint.dir.string(), start_step);
+      }
+    }
+    if (!resumed) {
+      check(config.resume || !latest_checkpoint(run_dir), "OutputDirNotEmpty",
+            "{} holds checkpoints of an earlier run and resume is off: starting afresh would overwrite its "
+            "metrics; choose another output_dir or remove that one", run_dir.string());
+      if (leader) {
+        std::filesystem::create_directories(run_dir);
+        log.emplace(MetricsLog::create(run_dir / "metrics.jsonl"));
+      }
+    }
+    MetricsLog* const metrics = log ? &*log : nullptr;
+    if (start_step == 0 && leader) {
+      (void)answer_prompts(model, data, config, "before training", metrics, 0);
+    }
+
+    // Collective under ZeRO: every rank's optimizer state goes to the leader, which writes the checkpoint.
+    const auto save = [&](std::int64_t step, double epoch, double loss) {
+      if (!leader) {
+        optimizer.save_state(run_dir / "optimizer-state-written-by-rank-0");  // the path is rank 0's to use
+        return std::filesystem::path();
+      }
+      TrainerState state;
+      state.step = step;
+      state.epoch = epoch;
+      state.data_cursor = loader.cursor().to_json();
+      state.seed = config.seed;
+      state.schedule = schedule;
+      state.hyper_parameters = settings;
+      state.metrics = {{"tokens_seen", static_cast<double>(tokens_seen)}, {"loss", loss}};
+      return save_checkpoint(run_dir, model.adapter(config.model),
+                             [&](const std::filesystem::path& file) { optimizer.save_state(file); }, state,
+                             {.keep_last = config.save_total_limit});
+    };
+    const TrainStepOptions step_options{.max_grad_norm = config.max_grad_norm,
+                                        .on_non_finite = config.on_non_finite == "skip" ? NonFinitePolicy::skip_step
+                                                                                        : NonFinitePolicy::stop};
+    const bool tty = ::isatty(::fileno(stdout)) != 0;
+    ProgressBarOptions bar_options;
+    bar_options.start_step = start_step;
+    ProgressBar bar(total_steps, stdout, tty, bar_options);
+    std::vector<ModelBatch> window_batches;
+    std::vector<std::uint32_t> positions;  // each kept micro-batch's place in the step's whole window
+    std::vector<MicroBatch> window;
+    for (std::int64_t step = start_step; step < total_steps; ++step) {
+      window_batches.clear();
+      positions.clear();
+      window.clear();
+      for (std::int64_t micro = 0; micro < window_size(step); ++micro) {
+        auto batch = loader.next();  // every rank reads the whole window, and keeps its share
+        if (micro % ranks != comm.rank()) continue;
+        window_batches.emplace_back(std::move(batch));
+        positions.push_back(static_cast<std::uint32_t>(micro));
+      }
+      for (std::size_t i = 0; i < window_batches.size(); ++i) {
+        window.push_back(
+            {window_batches[i].view(), fmt::format("step {} micro-batch {}", step, positions[i]), positions[i]});
+      }
+      const double lr = lr_at(schedule, step);
+      const TrainStepResult result =
+          train_step(model, optimizer, window, lr, static_cast<std::uint64_t>(step), step_options);
+      tokens_seen += result.input_tokens;
+      const double epoch = static_cast<double>(step + 1) / static_cast<double>(steps_per_epoch);
+      if (result.skipped) {
+        bar.message(fmt::format("step {}: skipped (loss {}, grad norm {})", step + 1, result.loss, result.grad_norm));
+      }
+      StepProgress progress;
+      progress.loss = result.loss;
+      progress.tokens = result.input_tokens;
+      bar.update(step + 1, progress);
+      if (metrics != nullptr) {
+        metrics->log(TrainMetrics{.step = step + 1, .epoch = epoch, .loss = result.loss, .lr = lr,
+                                  .grad_norm = result.grad_norm, .tokens = tokens_seen,
+                                  .tokens_per_second = bar.tokens_per_second()});
+      }
+      const bool epoch_end = (step + 1) % steps_per_epoch == 0 || step + 1 == total_steps;
+      const auto due = [&](std::int64_t every) { return every > 0 ? (step + 1) % every == 0 : epoch_end; };
+      // Evaluation and samples are the leader's; the other ranks wait for it at the next step.
+      if (leader && !data.eval.empty() && due(config.eval_steps)) {
+        const double loss = eval_loss(model, data);
+        metrics->log(EvalMetrics{.step = step + 1, .eval_loss = loss});
+        bar.message(fmt::format("step {}: eval loss {:.4f}", step + 1, loss));
+      }
+      if (leader && config.sample_steps > 0 && (step + 1) % config.sample_steps == 0 && step + 1 != total_steps) {
+        bar.message("");
+        (void)answer_prompts(model, data, config, fmt::format("at step {}", step + 1), metrics, step + 1);
+      }
+      if (due(config.save_steps)) {
+        const std::filesystem::path saved = save(step + 1, epoch, result.loss);
+        if (leader) bar.message(fmt::format("saved {}", saved.string()));
+      }
+    }
+    bar.finish();
+    if (!leader) return 0;
+
+    (void)answer_prompts(model, data, config, "after training", metrics, total_steps);
+    const std::filesystem::path adapter_dir = run_dir / "adapter";
+    write_peft_adapter(adapter_dir, model.adapter(config.model));
+    // The tokenizer as trained (with the added tokens), as the tutorial's tokenizer.save_pretrained.
+    save_tokenizer_files(data.tokenizer_dir, adapter_dir, data.added_tokens, data.token_roles);
+    // How the adapter was prompted, so that qlora-chat prompts it the same way.
+    examples::write_chat_settings(adapter_dir, {.chat_template = config.chat_template, .system = config.system});
+    write_loss_curve_svg(run_dir / "loss_curve.svg", metrics->train_curve(), metrics->eval_curve());
+    fmt::print("Adapter: {}\nMetrics: {}\nLoss curve: {}\n", adapter_dir.string(),
+               (run_dir / "metrics.jsonl").string(), (run_dir / "loss_curve.svg").string());
+    return 0;
   };
-  const TrainStepOptions step_options{.max_grad_norm = config.max_grad_norm,
-                                      .on_non_finite = config.on_non_finite == "skip" ? NonFinitePolicy::skip_step
-                                                                                      : NonFinitePolicy::stop};
-  const bool tty = ::isatty(::fileno(stdout)) != 0;
-  ProgressBarOptions bar_options;
-  bar_options.start_step = start_step;
-  ProgressBar bar(total_steps, stdout, tty, bar_options);
-  std::vector<ModelBatch> window_batches;
-  std::vector<MicroBatch> window;
-  for (std::int64_t step = start_step; step < total_steps; ++step) {
-    window_batches.clear();
-    window.clear();
-    for (std::int64_t micro = 0; micro < window_size(step); ++micro) window_batches.emplace_back(loader.next());
-    for (std::size_t i = 0; i < window_batches.size(); ++i) {
-      window.push_back({window_batches[i].view(), fmt::format("step {} micro-batch {}", step, i)});
-    }
-    const double lr = lr_at(schedule, step);
-    const TrainStepResult result = train_step(model, optimizer, window, lr, static_cast<std::uint64_t>(step), step_options);
-    tokens_seen += result.input_tokens;
-    const double epoch = static_cast<double>(step + 1) / static_cast<double>(steps_per_epoch);
-    if (result.skipped) bar.message(fmt::format("step {}: skipped (loss {}, grad norm {})", step + 1, result.loss, result.grad_norm));
-    StepProgress progress;
-    progress.loss = result.loss;
-    progress.tokens = result.input_tokens;
-    bar.update(step + 1, progress);
-    log->log(TrainMetrics{.step = step + 1, .epoch = epoch, .loss = result.loss, .lr = lr,
-                          .grad_norm = result.grad_norm, .tokens = tokens_seen,
-                          .tokens_per_second = bar.tokens_per_second()});
-    const bool epoch_end = (step + 1) % steps_per_epoch == 0 || step + 1 == total_steps;
-    const auto due = [&](std::int64_t every) { return every > 0 ? (step + 1) % every == 0 : epoch_end; };
-    if (!data.eval.empty() && due(config.eval_steps)) {
-      const double loss = eval_loss(model, data);
-      log->log(EvalMetrics{.step = step + 1, .eval_loss = loss});
-      bar.message(fmt::format("step {}: eval loss {:.4f}", step + 1, loss));
-    }
-    if (config.sample_steps > 0 && (step + 1) % config.sample_steps == 0 && step + 1 != total_steps) {
-      bar.message("");
-      (void)answer_prompts(model, data, config, fmt::format("at step {}", step + 1), &*log, step + 1);
-    }
-    if (due(config.save_steps)) bar.message(fmt::format("saved {}", save(step + 1, epoch, result.loss).string()));
-  }
-  bar.finish();
 
-  (void)answer_prompts(model, data, config, "after training", &*log, total_steps);
-  const std::filesystem::path adapter_dir = run_dir / "adapter";
-  write_peft_adapter(adapter_dir, model.adapter(config.model));
-  // The tokenizer as trained (with the added tokens), as the tutorial's tokenizer.save_pretrained.
-  save_tokenizer_files(data.tokenizer_dir, adapter_dir, data.added_tokens, data.token_roles);
-  // How the adapter was prompted, so that qlora-chat prompts it the same way.
-  examples::write_chat_settings(adapter_dir, {.chat_template = config.chat_template, .system = config.system});
-  write_loss_curve_svg(run_dir / "loss_curve.svg", log->train_curve(), log->eval_curve());
-  fmt::print("Adapter: {}\nMetrics: {}\nLoss curve: {}\n", adapter_dir.string(), (run_dir / "metrics.jsonl").string(),
-             (run_dir / "loss_curve.svg").string());
-  return 0;
+  const AdamWOptions adamw_options{.weight_decay = config.weight_decay};
+  if (ranks == 1) {
+    AdamW optimizer(adamw_options);
+    return fit(optimizer);
+  }
+  if (config.zero_stage == 1) {
+    ZeroOptimizer<AdamW, ZeroStage1, Comm> optimizer(comm, adamw_options);
+    return fit(optimizer);
+  }
+  ZeroOptimizer<AdamW, ZeroStage2, Comm> optimizer(comm, adamw_options);
+  return fit(optimizer);
+}
+
+template <class Model>
+int train(const TrainConfig& config, const PreparedData& data, Job& job) {
+  return job.visit([&](auto& comm) { return train_on<Model>(config, data, comm); });
 }
 
 template <class Model32, class ModelBf16>
-int train_with_compute(const TrainConfig& config, const PreparedData& data) {
-  if (config.compute == "fp32") return train<Model32>(config, data);
+int train_with_compute(const TrainConfig& config, const PreparedData& data, Job& job) {
+  if (config.compute == "fp32") return train<Model32>(config, data, job);
   check(config.compute == "bf16", "InvalidArgument", "compute \"{}\": expected fp32 or bf16", config.compute);
-  return train<ModelBf16>(config, data);
+  return train<ModelBf16>(config, data, job);
 }
 
 /// config.json's model_type, if qlora-train knows it.
@@ -387,11 +456,11 @@ std::string model_type_of(const std::string& model) {
   return type;
 }
 
-int train_model(const TrainConfig& config, const PreparedData& data) {
+int train_model(const TrainConfig& config, const PreparedData& data, Job& job) {
   if (model_type_of(config.model) == "internlm2") {
-    return train_with_compute<InternLM2<NF4, float>, InternLM2<NF4, bf16>>(config, data);
+    return train_with_compute<InternLM2<NF4, float>, InternLM2<NF4, bf16>>(config, data, job);
   }
-  return train_with_compute<Phi<NF4, float>, Phi<NF4, bf16>>(config, data);
+  return train_with_compute<Phi<NF4, float>, Phi<NF4, bf16>>(config, data, job);
 }
 
 using AnyTemplate = std::variant<ChatML, InternLM2Chat, Phi2ChatML, Pretrain>;
@@ -406,7 +475,7 @@ AnyTemplate template_named(const std::string& name) {
 }
 
 template <class Tok>
-int run_with_tokenizer(Tok tokenizer, const std::filesystem::path& dir, const TrainConfig& config) {
+int run_with_tokenizer(Tok tokenizer, const std::filesystem::path& dir, const TrainConfig& config, Job& job) {
   std::vector<std::string> normal, special;
   for (const std::string& token : config.add_tokens) {
     (token == config.eos_token || token == config.pad_token ? special : normal).push_back(token);
@@ -426,17 +495,17 @@ int run_with_tokenizer(Tok tokenizer, const std::filesystem::path& dir, const Tr
     }
     if (!config.eos_token.empty()) data.token_roles["eos_token"] = config.eos_token;
     if (!config.pad_token.empty()) data.token_roles["pad_token"] = config.pad_token;
-    return train_model(config, data);
+    return train_model(config, data, job);
   }, template_named(config.chat_template));
 }
 
-int run(TrainConfig config) {
+int run(TrainConfig config, Job& job) {
   config.apply_architecture_defaults(model_type_of(config.model));
   const std::filesystem::path dir = config.tokenizer.empty() ? config.model : config.tokenizer;
   const Version v = version();
   fmt::print("qlora-train {}.{}.{}: model {}, data {}\n", v.major, v.minor, v.patch, config.model, config.data);
-  if (std::filesystem::exists(dir / "tokenizer.json")) return run_with_tokenizer(ByteLevelBpeTokenizer::from_pretrained(dir), dir, config);
-  if (std::filesystem::exists(dir / "tokenizer.model")) return run_with_tokenizer(SentencePieceTokenizer::from_pretrained(dir), dir, config);
+  if (std::filesystem::exists(dir / "tokenizer.json")) return run_with_tokenizer(ByteLevelBpeTokenizer::from_pretrained(dir), dir, config, job);
+  if (std::filesystem::exists(dir / "tokenizer.model")) return run_with_tokenizer(SentencePieceTokenizer::from_pretrained(dir), dir, config, job);
   throw Error("TokenizerNotFound", fmt::format("{} holds neither tokenizer.json nor tokenizer.model", dir.string()));
 }
 
@@ -453,7 +522,18 @@ int main(int argc, char** argv) {
   // (core/heap_retention.hpp: about 30% of a tiny-model step otherwise goes to page faults).
   (void)qlora::retain_freed_heap_memory();
   try {
-    return run(qlora::train_example::parse_arguments(argc, argv));
+    qlora::train_example::Job job(argc, argv);  // under mpirun: MPI, one rank of a data-parallel run
+    try {
+      return run(qlora::train_example::parse_arguments(argc, argv), job);
+    } catch (const std::exception& e) {
+      if (job.size() > 1) {
+        fmt::print(stderr, "qlora-train (rank {} of {}): {}\n", job.rank(), job.size(), e.what());
+      } else {
+        fmt::print(stderr, "qlora-train: {}\n", e.what());
+      }
+      job.abort_after_error();  // the other ranks would wait for this one until their timeout
+      return 1;
+    }
   } catch (const std::exception& e) {  // qlora::Error, and what the standard library throws (file system, memory)
     fmt::print(stderr, "qlora-train: {}\n", e.what());
     return 1;

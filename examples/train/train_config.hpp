@@ -76,7 +76,8 @@ struct TrainConfig {
   double weight_decay = 0;
   double max_grad_norm = 1.0;
   std::size_t batch_size = 2;  ///< packed rows (or padded samples) per micro-batch
-  std::size_t gradient_accumulation_steps = 1;
+  std::size_t gradient_accumulation_steps = 1;  ///< per rank: a step takes ranks x this many micro-batches
+  int zero_stage = 2;  ///< under mpirun: ZeRO stage 1 or 2 (optim/zero_optimizer.hpp)
   int epochs = 3;
   std::int64_t max_steps = 0;  ///< > 0: stop after this many optimizer steps
   bool gradient_checkpointing = false;
@@ -211,7 +212,8 @@ inline std::map<std::string, Setting> settings_of(TrainConfig& c) {
       {"weight_decay", setting(c.weight_decay, "AdamW weight decay (bitsandbytes: after the step)")},
       {"max_grad_norm", setting(c.max_grad_norm, "gradient clipping norm (0: off)")},
       {"batch_size", setting(c.batch_size, "rows per micro-batch")},
-      {"gradient_accumulation_steps", setting(c.gradient_accumulation_steps, "micro-batches per optimizer step")},
+      {"gradient_accumulation_steps", setting(c.gradient_accumulation_steps, "micro-batches per optimizer step and rank")},
+      {"zero_stage", setting(c.zero_stage, "under mpirun: 1 (shard optimizer states) | 2 (also gradients)")},
       {"epochs", setting(c.epochs, "epochs")},
       {"max_steps", setting(c.max_steps, "stop after this many optimizer steps (0: epochs decide)")},
       {"gradient_checkpointing", setting(c.gradient_checkpointing, "recompute layers in backward to save memory")},
@@ -249,6 +251,8 @@ inline void TrainConfig::validate() const {
   one_of("compute", compute, {"fp32", "bf16"});
   one_of("lr_scheduler", lr_scheduler, {"constant", "constant_with_warmup", "linear", "cosine"});
   one_of("on_non_finite", on_non_finite, {"stop", "skip"});
+  check(zero_stage == 1 || zero_stage == 2, "InvalidArgument", "setting \"zero_stage\" is {}: expected 1 or 2",
+        zero_stage);
   const auto positive = [](std::string_view name, auto value) {
     check(value > 0, "InvalidArgument", "setting \"{}\" is {}: expected a value > 0", name, value);
   };

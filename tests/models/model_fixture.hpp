@@ -209,30 +209,50 @@ void check_checkpointing_with_dropout(const ModelFixture& fixture, const std::st
 
 /// 20 optimizer steps from the initial adapter follow the fixture's loss
 /// curve within 1e-3 relative (the bar) and end at its weights.
-template <class Model>
-void check_training_curve(const ModelFixture& fixture, const std::string& folder) {
+/// `optimizer` is empty; the model's trainable parameters are added here. Data
+/// parallel: this is `rank` of `ranks` (which divides the window of 2
+/// micro-batches) and runs micro-batches rank, rank + ranks, ... of each step.
+/// Returns the trained values of the trainable parameters, in order.
+template <class Model, class Optimizer>
+std::vector<std::vector<float>> check_training_curve(const ModelFixture& fixture, const std::string& folder,
+                                                     Optimizer& optimizer, int rank = 0, int ranks = 1) {
+  constexpr int window_size = 2;
+  REQUIRE(window_size % ranks == 0);
   Model model = fixture.model<Model>(folder, fixture.options());
-  AdamW optimizer(AdamWOptions{});
   for (const TrainableParameter& parameter : model.trainable_parameters()) {
     optimizer.add(parameter.name, parameter.value, parameter.grad, parameter.decay);
   }
   const std::vector<float> expected = fixture.reader().tensor("curve.losses").read<float>();
   for (std::size_t step = 0; step < expected.size(); ++step) {
-    const CaseBatch first(fixture, fmt::format("curve.batch{}", 2 * step));
-    const CaseBatch second(fixture, fmt::format("curve.batch{}", 2 * step + 1));
-    const MicroBatch window[] = {{first.batch(), "first"}, {second.batch(), "second"}};
+    std::vector<CaseBatch> batches;
+    for (int i = rank; i < window_size; i += ranks) {
+      batches.emplace_back(fixture, fmt::format("curve.batch{}", window_size * step + static_cast<std::size_t>(i)));
+    }
+    std::vector<MicroBatch> window;
+    for (std::size_t i = 0; i < batches.size(); ++i) window.push_back({batches[i].batch(), fmt::format("part {}", i)});
     const TrainStepResult result = train_step(model, optimizer, window, 1e-3, step, {.max_grad_norm = 1.0});
     INFO("step " << step);
     REQUIRE(!result.skipped);
     CHECK(result.loss == Approx(expected[step]).epsilon(1e-3));
   }
+  std::vector<std::vector<float>> trained;
   for (const TrainableParameter& parameter : model.trainable_parameters()) {
     INFO(parameter.name);
     const Tensor expected_final = fixture.read_f32(fmt::format("curve.final.{}{}", peft_prefix, parameter.name));
     // Adam normalises each update to ~lr, so weights drift by at most a few lr·(relative gradient
     // error) over 20 steps; 1e-3 of the range is far above that and far below a wrong update.
     CHECK(relative_error(parameter.value.span<const float>(), expected_final.span<const float>()) < 1e-3);
+    const auto values = parameter.value.template span<const float>();
+    trained.emplace_back(values.begin(), values.end());
   }
+  return trained;
+}
+
+/// check_training_curve in one process with bitsandbytes' AdamW 32-bit (the Trainer's defaults).
+template <class Model>
+std::vector<std::vector<float>> check_training_curve(const ModelFixture& fixture, const std::string& folder) {
+  AdamW optimizer(AdamWOptions{});
+  return check_training_curve<Model>(fixture, folder, optimizer);
 }
 
 }  // namespace qlora::test

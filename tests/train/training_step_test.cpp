@@ -26,8 +26,8 @@ struct StandInModel {
   std::vector<double> loss_of;
   std::vector<float> gradient_of;
   Tensor value{DType::F32, Shape{1}}, grad{DType::F32, Shape{1}};
-  std::vector<float> scales;
-  std::vector<std::uint64_t> steps;
+  std::vector<float> scales{};
+  std::vector<std::uint64_t> steps{};
 
   CrossEntropySums forward_backward(const TokenBatch& batch, float grad_scale, std::uint64_t step) {
     const std::size_t call = scales.size();

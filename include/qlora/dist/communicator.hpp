@@ -19,8 +19,9 @@
 //     fp32 pairwise as the transport orders them, rounded to bf16 after each
 //     addition, as NCCL does).
 //
-// Elements: float, bf16 (the compute dtypes of gradients and weights) and, for
-// broadcast and all_gather only, std::uint64_t (fingerprints, counters).
+// Elements: float and bf16 everywhere (the dtypes of gradients and weights);
+// double and std::uint64_t for all_reduce (loss sums, token counts), and
+// std::uint64_t for all_gather and broadcast (fingerprints, flags).
 #pragma once
 
 #include <concepts>
@@ -40,13 +41,16 @@ inline constexpr std::string_view reduce_op_name(ReduceOp op) noexcept {
 
 /// A transport of collectives among size() ranks (see the header comment for the contract).
 template <class C>
-concept Communicator = requires(C& comm, std::span<float> f32, std::span<bf16> b16, std::span<std::uint64_t> u64,
-                                std::span<const float> cf32, std::span<const bf16> cb16,
-                                std::span<const std::uint64_t> cu64, ReduceOp op, int root) {
+concept Communicator = requires(C& comm, std::span<float> f32, std::span<bf16> b16, std::span<double> f64,
+                                std::span<std::uint64_t> u64, std::span<const float> cf32,
+                                std::span<const bf16> cb16, std::span<const std::uint64_t> cu64, ReduceOp op,
+                                int root) {
   { comm.rank() } -> std::convertible_to<int>;
   { comm.size() } -> std::convertible_to<int>;
   comm.all_reduce(f32, op);  // in place
   comm.all_reduce(b16, op);
+  comm.all_reduce(f64, op);
+  comm.all_reduce(u64, op);
   comm.reduce_scatter(cf32, f32, op);
   comm.reduce_scatter(cb16, b16, op);
   comm.all_gather(cf32, f32);

@@ -76,10 +76,12 @@ template <class T>
 MPI_Datatype mpi_datatype() {
   if constexpr (std::is_same_v<T, float>) {
     return MPI_FLOAT;
+  } else if constexpr (std::is_same_v<T, double>) {
+    return MPI_DOUBLE;
   } else if constexpr (std::is_same_v<T, bf16>) {
     return MPI_UINT16_T;
   } else {
-    static_assert(std::is_same_v<T, std::uint64_t>, "Mpi moves float, bf16 and std::uint64_t");
+    static_assert(std::is_same_v<T, std::uint64_t>, "Mpi moves float, double, bf16 and std::uint64_t");
     return MPI_UINT64_T;
   }
 }
@@ -88,6 +90,8 @@ template <class T>
 constexpr std::string_view element_name() {
   if constexpr (std::is_same_v<T, float>) {
     return "float";
+  } else if constexpr (std::is_same_v<T, double>) {
+    return "double";
   } else if constexpr (std::is_same_v<T, bf16>) {
     return "bf16";
   } else {
@@ -102,10 +106,16 @@ inline void bf16_sum(void* in, void* inout, int* count, MPI_Datatype*) {
   for (int i = 0; i < *count; ++i) b[i] = bf16::from_float(a[i].to_float() + b[i].to_float());
 }
 
+/// values /= ranks, in T's arithmetic (bf16: in fp32, rounded once; integers: truncated).
 template <class T>
 void divide_by(std::span<T> values, int ranks) {
-  const auto divisor = static_cast<float>(ranks);
-  for (T& value : values) value = from_float<T>(to_float(value) / divisor);
+  for (T& value : values) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      value = bf16::from_float(value.to_float() / static_cast<float>(ranks));
+    } else {
+      value = static_cast<T>(value / static_cast<T>(ranks));
+    }
+  }
 }
 
 }  // namespace detail

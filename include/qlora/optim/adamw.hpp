@@ -26,51 +26,27 @@
 #include <qlora/core/parallel.hpp>
 #include <qlora/core/tensor.hpp>
 #include <qlora/core/tensor_view.hpp>
-#include <qlora/io/detail/json.hpp>
-#include <qlora/io/detail/safetensors_format.hpp>
-#include <qlora/io/safetensors_reader.hpp>
-#include <qlora/io/safetensors_writer.hpp>
+#include <qlora/optim/adamw_options.hpp>
+#include <qlora/optim/detail/adamw_state_file.hpp>
 
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
 #include <ranges>
 #include <set>
 #include <span>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <utility>
 #include <vector>
 
 namespace qlora {
 
-struct AdamWOptions {
-  /// Where decoupled weight decay p ← p·(1 − lr·wd) happens relative to the Adam step.
-  enum class DecayOrder {
-    after_step,   ///< bitsandbytes' CUDA kernel: what paged_adamw_32bit runs on a GPU
-    before_step,  ///< torch.optim.AdamW (and bitsandbytes 0.50's CPU backend)
-  };
-
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  double weight_decay = 0.0;  ///< the Trainer's default; bitsandbytes' own default (1e-2) is never used by it
-  DecayOrder decay_order = DecayOrder::after_step;
-  unsigned threads = default_thread_count();
-};
-
 namespace detail {
-
-inline constexpr std::string_view decay_order_name(AdamWOptions::DecayOrder order) noexcept {
-  return order == AdamWOptions::DecayOrder::after_step ? "after_step" : "before_step";
-}
 
 /// The fp32 scalars of one step, each computed in double and rounded once.
 struct AdamWCoefficients {
@@ -120,8 +96,31 @@ void adamw_update(float* __restrict param, const float* __restrict grad, float* 
   }
 }
 
-/// A double as text that parses back to the same bits (fmt's shortest round trip).
-inline std::string exact_text(double value) { return fmt::format("{}", value); }
+/// `options` after AdamW's checks: Error("InvalidArgument") unless 0 ≤ β1, β2 < 1, eps ≥ 0 and
+/// weight_decay ≥ 0 (bitsandbytes' and torch's checks), all finite; threads at least 1.
+inline AdamWOptions checked(AdamWOptions options) {
+  const auto in_unit = [](double beta) { return beta >= 0 && beta < 1; };
+  check(in_unit(options.beta1), "InvalidArgument", "AdamW: beta1 {} is not in [0, 1)", options.beta1);
+  check(in_unit(options.beta2), "InvalidArgument", "AdamW: beta2 {} is not in [0, 1)", options.beta2);
+  check(std::isfinite(options.eps) && options.eps >= 0, "InvalidArgument", "AdamW: eps {} is not a finite value ≥ 0",
+        options.eps);
+  check(std::isfinite(options.weight_decay) && options.weight_decay >= 0, "InvalidArgument",
+        "AdamW: weight_decay {} is not a finite value ≥ 0", options.weight_decay);
+  options.threads = std::max(1u, options.threads);
+  return options;
+}
+
+/// A parameter or gradient an optimizer updates in place: a contiguous F32 host tensor with data.
+inline void check_trainable_tensor(std::string_view optimizer, std::string_view name, std::string_view what,
+                                   const TensorView& t) {
+  check(t.dtype() == DType::F32, "DTypeMismatch", "{}: the {} of `{}` is {}, expected F32", optimizer, what, name,
+        dtype_name(t.dtype()));
+  check(t.device() == Device::cpu, "DeviceMismatch", "{}: the {} of `{}` is on {}, expected the host", optimizer, what,
+        name, device_name(t.device()));
+  check(t.is_contiguous(), "NotContiguous", "{}: the {} of `{}` is not contiguous", optimizer, what, name);
+  check(t.numel() == 0 || t.raw_data() != nullptr, "NullPointer", "{}: the {} of `{}` has no data", optimizer, what,
+        name);
+}
 
 }  // namespace detail
 
@@ -129,16 +128,7 @@ class AdamW {
  public:
   /// Throws Error("InvalidArgument") unless 0 ≤ β1, β2 < 1, eps ≥ 0 and
   /// weight_decay ≥ 0 (bitsandbytes' and torch's checks), all finite.
-  explicit AdamW(AdamWOptions options = {}) : options_(options) {
-    const auto in_unit = [](double beta) { return beta >= 0 && beta < 1; };
-    check(in_unit(options_.beta1), "InvalidArgument", "AdamW: beta1 {} is not in [0, 1)", options_.beta1);
-    check(in_unit(options_.beta2), "InvalidArgument", "AdamW: beta2 {} is not in [0, 1)", options_.beta2);
-    check(std::isfinite(options_.eps) && options_.eps >= 0, "InvalidArgument", "AdamW: eps {} is not a finite value ≥ 0",
-          options_.eps);
-    check(std::isfinite(options_.weight_decay) && options_.weight_decay >= 0, "InvalidArgument",
-          "AdamW: weight_decay {} is not a finite value ≥ 0", options_.weight_decay);
-    options_.threads = std::max(1u, options_.threads);
-  }
+  explicit AdamW(AdamWOptions options = {}) : options_(detail::checked(options)) {}
 
   /// Registers a trainable parameter and its gradient: contiguous F32 host
   /// tensors of one shape, which must outlive the optimizer. `decay` false puts
@@ -151,8 +141,8 @@ class AdamW {
     check(steps_ == 0, "InvalidArgument", "AdamW: parameter `{}` added after {} steps; add every parameter first", name,
           steps_);
     check(!names_.contains(name), "DuplicateParameter", "AdamW: parameter `{}` was added twice", name);
-    check_tensor(name, "parameter", param);
-    check_tensor(name, "gradient", grad);
+    detail::check_trainable_tensor("AdamW", name, "parameter", param);
+    detail::check_trainable_tensor("AdamW", name, "gradient", grad);
     check(param.shape() == grad.shape(), "ShapeMismatch", "AdamW: parameter `{}` is {} but its gradient is {}", name,
           param.shape().to_string(), grad.shape().to_string());
     names_.insert(name);
@@ -206,19 +196,14 @@ class AdamW {
     return parameter(name).exp_avg_sq.view();
   }
 
-  /// Writes the state to `file` (safetensors) atomically: a crash or an error
-  /// leaves the previous file or none, never a torn one.
+  /// Writes the state to `file` (safetensors, optim/detail/adamw_state_file.hpp)
+  /// atomically: a crash or an error leaves the previous file or none, never a torn one.
   void save_state(const std::filesystem::path& file) const {
-    SafetensorsWriter writer;
-    for (const Parameter& p : parameters_) {
-      const auto shape = p.exp_avg.shape().extents();
-      writer.add(p.name + exp_avg_suffix, DType::F32, {shape.begin(), shape.end()}, bytes_of(p.exp_avg));
-      writer.add(p.name + exp_avg_sq_suffix, DType::F32, {shape.begin(), shape.end()}, bytes_of(p.exp_avg_sq));
-    }
-    SafetensorsMetadata metadata = options_metadata();
-    metadata.emplace_back("step", std::to_string(steps_));
-    writer.set_metadata(std::move(metadata));
-    writer.write(file);
+    std::vector<detail::AdamWStateEntry> entries;
+    for (const Parameter& p : parameters_)
+      entries.push_back({p.name, p.exp_avg.shape(), p.decay, p.exp_avg.span<const float>(),
+                         p.exp_avg_sq.span<const float>()});
+    detail::write_adamw_state(file, options_, steps_, entries);
   }
 
   /// Restores the state save_state wrote. All or nothing: the file must hold
@@ -227,27 +212,15 @@ class AdamW {
   /// differs; a malformed file throws the safetensors reader's error. On any
   /// error the optimizer is unchanged.
   void load_state(const std::filesystem::path& file) {
-    const SafetensorsReader reader = SafetensorsReader::open(file);
-    const std::string source = file.string();
-    for (const auto& [key, expected] : options_metadata()) {
-      const auto found = reader.metadata_value(key);
-      check(found.has_value(), "OptimizerStateMismatch", "{}: no `{}` in the metadata; not an AdamW state file", source,
-            key);
-      check(same_value(key, *found, expected), "OptimizerStateMismatch",
-            "{}: saved with {} = {}, this optimizer has {}", source, key, *found, expected);
-    }
-    const std::int64_t steps = parse_steps(reader, source);
-    check(reader.tensors().size() == 2 * parameters_.size(), "OptimizerStateMismatch",
-          "{}: holds {} tensors, expected {} (exp_avg and exp_avg_sq of {} parameters)", source,
-          reader.tensors().size(), 2 * parameters_.size(), parameters_.size());
-    std::vector<std::pair<const SafetensorsTensor*, const Tensor*>> copies;
-    for (const Parameter& p : parameters_) {
-      copies.emplace_back(saved_moment(reader, source, p, exp_avg_suffix), &p.exp_avg);
-      copies.emplace_back(saved_moment(reader, source, p, exp_avg_sq_suffix), &p.exp_avg_sq);
-    }
+    std::vector<detail::AdamWStateEntry> entries;
+    for (const Parameter& p : parameters_) entries.push_back({p.name, p.exp_avg.shape(), p.decay, {}, {}});
+    const detail::AdamWStateFile saved(file, options_, entries);
     // Everything is checked: nothing below can throw.
-    for (const auto& [saved, state] : copies) std::memcpy(state->view().raw_data(), saved->data.data(), saved->data.size());
-    steps_ = steps;
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      saved.read_exp_avg(i, parameters_[i].exp_avg.span<float>());
+      saved.read_exp_avg_sq(i, parameters_[i].exp_avg_sq.span<float>());
+    }
+    steps_ = saved.steps();
   }
 
  private:
@@ -269,81 +242,10 @@ class AdamW {
   static constexpr std::int64_t chunk_elements = std::int64_t{1} << 14;
   /// A thread must get at least this many chunks to be worth starting.
   static constexpr std::int64_t chunks_per_thread = 4;
-  static constexpr char exp_avg_suffix[] = ".exp_avg";
-  static constexpr char exp_avg_sq_suffix[] = ".exp_avg_sq";
-
-  static void check_tensor(const std::string& name, std::string_view what, const TensorView& t) {
-    check(t.dtype() == DType::F32, "DTypeMismatch", "AdamW: the {} of `{}` is {}, expected F32", what, name,
-          dtype_name(t.dtype()));
-    check(t.device() == Device::cpu, "DeviceMismatch", "AdamW: the {} of `{}` is on {}, expected the host", what, name,
-          device_name(t.device()));
-    check(t.is_contiguous(), "NotContiguous", "AdamW: the {} of `{}` is not contiguous", what, name);
-    check(t.numel() == 0 || t.raw_data() != nullptr, "NullPointer", "AdamW: the {} of `{}` has no data", what, name);
-  }
-
-  static std::span<const std::byte> bytes_of(const Tensor& t) {
-    return {static_cast<const std::byte*>(t.view().raw_data()), t.byte_size()};
-  }
-
   const Parameter& parameter(std::string_view name) const {
     const auto found = std::ranges::find(parameters_, name, &Parameter::name);
     check(found != parameters_.end(), "UnknownParameter", "AdamW: no parameter `{}`", name);
     return *found;
-  }
-
-  /// What must match between a state file and the optimizer loading it.
-  SafetensorsMetadata options_metadata() const {
-    std::vector<std::string> no_decay;
-    for (const Parameter& p : parameters_) {
-      if (!p.decay) no_decay.push_back(p.name);
-    }
-    std::ranges::sort(no_decay);
-    return {{"format", "pt"},
-            {"optimizer", "qlora.AdamW"},
-            {"beta1", detail::exact_text(options_.beta1)},
-            {"beta2", detail::exact_text(options_.beta2)},
-            {"eps", detail::exact_text(options_.eps)},
-            {"weight_decay", detail::exact_text(options_.weight_decay)},
-            {"decay_order", std::string(detail::decay_order_name(options_.decay_order))},
-            {"no_decay", detail::Json(no_decay).dump()}};
-  }
-
-  /// Numbers compare by value (so "0.10" and "0.1" agree), the rest as text.
-  static bool same_value(std::string_view key, std::string_view saved, const std::string& expected) {
-    if (key == "beta1" || key == "beta2" || key == "eps" || key == "weight_decay") {
-      double value = 0;
-      const auto [end, error] = std::from_chars(saved.data(), saved.data() + saved.size(), value);
-      return error == std::errc() && end == saved.data() + saved.size() && detail::exact_text(value) == expected;
-    }
-    if (key == "no_decay") {
-      const detail::Json parsed = detail::Json::parse(saved.begin(), saved.end(), nullptr, /*allow_exceptions=*/false);
-      return parsed.is_array() && parsed.dump() == expected;
-    }
-    return saved == expected;
-  }
-
-  static std::int64_t parse_steps(const SafetensorsReader& reader, const std::string& source) {
-    const auto text = reader.metadata_value("step");
-    check(text.has_value(), "OptimizerStateMismatch", "{}: no `step` in the metadata", source);
-    std::int64_t steps = -1;
-    const auto [end, error] = std::from_chars(text->data(), text->data() + text->size(), steps);
-    check(error == std::errc() && end == text->data() + text->size() && steps >= 0, "OptimizerStateMismatch",
-          "{}: step `{}` is not a count ≥ 0", source, *text);
-    return steps;
-  }
-
-  static const SafetensorsTensor* saved_moment(const SafetensorsReader& reader, const std::string& source,
-                                               const Parameter& p, const char* suffix) {
-    const std::string key = p.name + suffix;
-    const SafetensorsTensor* saved = reader.find(key);
-    check(saved != nullptr, "OptimizerStateMismatch", "{}: no `{}`; the file was saved for other parameters", source,
-          key);
-    const auto extents = p.exp_avg.shape().extents();
-    const bool same_shape = std::ranges::equal(saved->shape, extents);
-    check(saved->dtype == DType::F32 && same_shape, "OptimizerStateMismatch",
-          "{}: `{}` is {} {}, parameter `{}` needs F32 {}", source, key, dtype_name(saved->dtype),
-          detail::shape_string(saved->shape), p.name, p.exp_avg.shape().to_string());
-    return saved;
   }
 
   AdamWOptions options_;

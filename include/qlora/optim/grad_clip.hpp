@@ -92,6 +92,21 @@ inline double global_grad_norm(std::span<const TensorView> grads, unsigned threa
   return std::sqrt(total);
 }
 
+namespace detail {
+
+/// torch's clip coefficient for gradients of norm `total`: min(1, max_norm · (1 / (total + 1e-6)))
+/// in fp32; 1 when max_norm ≤ 0 (nothing clipped). A NaN norm gives NaN (torch propagates it).
+inline float clip_coefficient(double total, double max_norm) {
+  if (max_norm <= 0) return 1.0f;
+  // torch: `max_norm / (total + 1e-6)` is Tensor.__rtruediv__ = reciprocal() * max_norm, all fp32.
+  const float denominator = static_cast<float>(total) + 1e-6f;
+  const float coefficient = (1.0f / denominator) * static_cast<float>(max_norm);
+  // torch.clamp(coef, max=1.0) keeps a NaN (from an inf or NaN norm).
+  return coefficient < 1.0f || std::isnan(coefficient) ? coefficient : 1.0f;
+}
+
+}  // namespace detail
+
 /// torch.nn.utils.clip_grad_norm_(params, max_norm) for the gradients `grads`
 /// (scaled in place): with total = global_grad_norm(grads) rounded to fp32,
 /// every gradient is multiplied by min(1, max_norm · (1 / (total + 1e-6))),
@@ -105,12 +120,7 @@ inline double clip_grad_norm(std::span<const TensorView> grads, double max_norm,
                              unsigned threads = default_thread_count()) {
   check(!std::isnan(max_norm), "InvalidArgument", "clip_grad_norm: max_norm is NaN");
   const double total = global_grad_norm(grads, threads);
-  if (max_norm <= 0) return total;
-  // torch: `max_norm / (total + 1e-6)` is Tensor.__rtruediv__ = reciprocal() * max_norm, all fp32.
-  const float denominator = static_cast<float>(total) + 1e-6f;
-  const float coefficient = (1.0f / denominator) * static_cast<float>(max_norm);
-  // torch.clamp(coef, max=1.0) keeps a NaN (from an inf or NaN norm).
-  const float clamped = coefficient < 1.0f || std::isnan(coefficient) ? coefficient : 1.0f;
+  const float clamped = detail::clip_coefficient(total, max_norm);
   if (clamped == 1.0f) return total;  // multiplying by 1 changes no bits
   const std::vector<detail::GradBlock> blocks = detail::grad_blocks(grads);
   parallel_for(
