@@ -12,10 +12,12 @@
 #include <qlora/cuda/activations.cuh>
 #include <qlora/cuda/attention.cuh>
 #include <qlora/cuda/common.cuh>
+#include <qlora/cuda/cross_entropy.cuh>
 #include <qlora/cuda/cublas.cuh>
 #include <qlora/cuda/dequantize_4bit.cuh>
 #include <qlora/cuda/embedding.cuh>
 #include <qlora/cuda/lora_linear.cuh>
+#include <qlora/cuda/nccl.cuh>
 #include <qlora/cuda/norms.cuh>
 #include <qlora/cuda/quant_state.cuh>
 #include <qlora/cuda/quantize_4bit.cuh>

@@ -61,6 +61,22 @@ inline AttentionShape checked_device_attention_shape(const qlora::detail::F32Arg
   return shape;
 }
 
+/// The checks of a packed batch's forward and backward: q, k, v, out [T, ...] and logsumexp
+/// [T, Hq] as the CPU op wants them, cu_seqlens ending at T, a positive scale.
+inline AttentionShape checked_packed_attention(const qlora::detail::F32Arguments& args, const TensorView& q,
+                                               const TensorView& k, const TensorView& v, const TensorView& out,
+                                               const TensorView& logsumexp, std::span<const std::int32_t> cu_seqlens,
+                                               float scale) {
+  const AttentionShape shape = checked_device_attention_shape(args, q, k, v);
+  const std::int64_t tokens = q.shape()[0];
+  args.tensor(k, Shape{tokens, shape.kv_heads, shape.head_dim}, "k");
+  args.tensor(out, q.shape(), "out");
+  args.tensor(logsumexp, Shape{tokens, shape.query_heads}, "logsumexp");
+  qlora::detail::check_cu_seqlens(args.op, cu_seqlens, tokens);
+  qlora::detail::check_scale(args.op, scale);
+  return shape;
+}
+
 /// The 32-row tiles of every sequence of a packed batch, by descending first row (the forward
 /// and dQ kernels start with the tiles that see the most keys; dK/dV reads the table backwards).
 inline std::vector<AttentionTileRef> packed_attention_tiles(std::span<const std::int32_t> cu_seqlens) {
@@ -129,13 +145,7 @@ inline void causal_attention_forward(const TensorView& q, const TensorView& k, c
                                      std::span<const std::int32_t> cu_seqlens, float scale, const TensorView& out,
                                      const TensorView& logsumexp, cudaStream_t stream) {
   const qlora::detail::F32Arguments args{"cuda::causal_attention_forward", Device::cuda};
-  const AttentionShape shape = detail::checked_device_attention_shape(args, q, k, v);
-  const std::int64_t tokens = q.shape()[0];
-  args.tensor(k, Shape{tokens, shape.kv_heads, shape.head_dim}, "k");
-  args.tensor(out, q.shape(), "out");
-  args.tensor(logsumexp, Shape{tokens, shape.query_heads}, "logsumexp");
-  qlora::detail::check_cu_seqlens(args.op, cu_seqlens, tokens);
-  qlora::detail::check_scale(args.op, scale);
+  const AttentionShape shape = detail::checked_packed_attention(args, q, k, v, out, logsumexp, cu_seqlens, scale);
   detail::launch_attention_forward(detail::packed_attention_tiles(cu_seqlens), shape, q, k, v, scale, out,
                                    logsumexp.data<float>(), args.op, stream);
 }
@@ -148,17 +158,12 @@ inline void causal_attention_backward(const TensorView& q, const TensorView& k, 
                                       const TensorView& dq, const TensorView& dk, const TensorView& dv,
                                       cudaStream_t stream) {
   const qlora::detail::F32Arguments args{"cuda::causal_attention_backward", Device::cuda};
-  const AttentionShape shape = detail::checked_device_attention_shape(args, q, k, v);
+  const AttentionShape shape = detail::checked_packed_attention(args, q, k, v, out, logsumexp, cu_seqlens, scale);
   const std::int64_t tokens = q.shape()[0];
-  args.tensor(k, Shape{tokens, shape.kv_heads, shape.head_dim}, "k");
-  args.tensor(out, q.shape(), "out");
-  args.tensor(logsumexp, Shape{tokens, shape.query_heads}, "logsumexp");
   args.tensor(dout, q.shape(), "dout");
   args.tensor(dq, q.shape(), "dq");
   args.tensor(dk, k.shape(), "dk");
   args.tensor(dv, k.shape(), "dv");
-  qlora::detail::check_cu_seqlens(args.op, cu_seqlens, tokens);
-  qlora::detail::check_scale(args.op, scale);
 
   const std::int64_t rows = tokens * shape.query_heads;
   const DeviceBuffer<float> delta(static_cast<std::size_t>(rows), stream);

@@ -1,5 +1,6 @@
 // cuBLAS for qlora's CUDA code: QLORA_CUBLAS_CHECK (every failed call becomes
-// a named qlora::Error) and CublasHandle (an owned or borrowed handle).
+// a named qlora::Error), CublasHandle (an owned or borrowed handle) and
+// gemm_row_major (our row-major GEMMs on cuBLAS's column-major ones).
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -10,10 +11,16 @@
 
 #include <cublas_v2.h>
 
+#include <climits>
+#include <cstdint>
+#include <initializer_list>
+#include <string_view>
+#include <type_traits>
 #include <utility>
 
 #include <fmt/format.h>
 
+#include <qlora/core/dtype.hpp>
 #include <qlora/core/error.hpp>
 
 namespace qlora::cuda::detail {
@@ -72,5 +79,37 @@ class CublasHandle {
   cublasHandle_t handle_ = nullptr;
   bool owned_ = false;
 };
+
+/// The cudaDataType cuBLAS calls T (a FloatStorage type, or double).
+template <class T>
+  requires FloatStorage<T> || std::is_same_v<T, double>
+inline constexpr cudaDataType_t cuda_data_type = std::is_same_v<T, double>  ? CUDA_R_64F
+                                                 : std::is_same_v<T, float> ? CUDA_R_32F
+                                                 : std::is_same_v<T, bf16>  ? CUDA_R_16BF
+                                                                            : CUDA_R_16F;
+
+/// Row-major C[m, n] = alpha·op(A)·op(B) + beta·C, op(A) [m, k] (A stored [k, m] when
+/// transpose_a), op(B) [k, n] (B stored [n, k] when transpose_b), lda/ldb/ldc the row strides.
+/// cuBLAS is column-major, so it computes Cᵀ = op(B)ᵀ·op(A)ᵀ: the operands are swapped. fp32
+/// and fp64 operands are computed pedantically (never TF32, even on a handle set to it); 16-bit
+/// operands accumulate in fp32. Extents beyond cuBLAS's int are refused, naming `what`.
+template <class T, class C>
+void gemm_row_major(cublasHandle_t cublas, std::string_view what, bool transpose_a, bool transpose_b, std::int64_t m,
+                    std::int64_t n, std::int64_t k, C alpha, const T* a, std::int64_t lda, const T* b,
+                    std::int64_t ldb, C beta, C* c, std::int64_t ldc) {
+  for (const std::int64_t extent : {m, n, k, lda, ldb, ldc}) {
+    check(extent <= INT_MAX, "ShapeMismatch", "{}: a GEMM extent of {} exceeds cuBLAS's 32-bit int", what, extent);
+  }
+  constexpr bool is_double = std::is_same_v<T, double>;
+  static_assert(std::is_same_v<C, double> == is_double, "double GEMMs have a double C, all others an fp32 C");
+  constexpr cublasComputeType_t compute = is_double                    ? CUBLAS_COMPUTE_64F_PEDANTIC
+                                          : std::is_same_v<T, float> ? CUBLAS_COMPUTE_32F_PEDANTIC
+                                                                     : CUBLAS_COMPUTE_32F;
+  QLORA_CUBLAS_CHECK(cublasGemmEx(cublas, transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                  transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                                  static_cast<int>(k), &alpha, b, cuda_data_type<T>, static_cast<int>(ldb), a,
+                                  cuda_data_type<T>, static_cast<int>(lda), &beta, c, cuda_data_type<C>,
+                                  static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT));
+}
 
 }  // namespace qlora::cuda

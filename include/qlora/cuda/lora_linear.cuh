@@ -110,14 +110,6 @@
 namespace qlora {
 namespace cuda {
 
-/// The cudaDataType cuBLAS calls T (a FloatStorage type, or double).
-template <class T>
-  requires FloatStorage<T> || std::is_same_v<T, double>
-inline constexpr cudaDataType_t cuda_data_type = std::is_same_v<T, double>  ? CUDA_R_64F
-                                                 : std::is_same_v<T, float> ? CUDA_R_32F
-                                                 : std::is_same_v<T, bf16>  ? CUDA_R_16BF
-                                                                            : CUDA_R_16F;
-
 /// A host copy of a contiguous device tensor (copied on `stream`, which is then synchronized).
 inline Tensor to_host(const TensorView& device_view, cudaStream_t stream) {
   check(device_view.device() == Device::cuda && device_view.is_contiguous(), "DeviceMismatch",
@@ -506,31 +498,12 @@ class LoraLinear<Quant, Compute, Cuda> {
     QLORA_CUBLAS_CHECK(cublasSetPointerMode(cublas_.get(), CUBLAS_POINTER_MODE_HOST));
   }
 
-  /// Row-major C[m, n] = alpha·op(A)·op(B) + beta·C, where op(A) is [m, k]
-  /// (A stored [k, m] when transpose_a) and op(B) is [k, n] (B stored [n, k]
-  /// when transpose_b); lda/ldb/ldc are row strides. cuBLAS is column-major,
-  /// so it computes Cᵀ = op(B)ᵀ·op(A)ᵀ: operands swapped.
-  /// T = float runs in CUBLAS_COMPUTE_32F_PEDANTIC (true fp32, never TF32);
-  /// bf16/fp16 in CUBLAS_COMPUTE_32F (exact products, fp32 accumulation)
-  /// with an fp32 C; T = double (C double) in CUBLAS_COMPUTE_64F_PEDANTIC.
+  /// cuda::gemm_row_major on this layer's handle: T = float true fp32 (never TF32), bf16/fp16
+  /// exact products with fp32 accumulation into an fp32 C, double in double.
   template <class T, class C = std::conditional_t<std::is_same_v<T, double>, double, float>>
   void gemm(bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n, std::int64_t k, C alpha, const T* a,
             std::int64_t lda, const T* b, std::int64_t ldb, C beta, C* c, std::int64_t ldc) const {
-    for (const std::int64_t extent : {m, n, k, lda, ldb, ldc}) {
-      check(extent <= INT_MAX, "ShapeMismatch", "{}: a GEMM extent of {} exceeds cuBLAS's 32-bit int", path_, extent);
-    }
-    constexpr bool is_double = std::is_same_v<T, double>;
-    static_assert(std::is_same_v<C, double> == is_double, "double GEMMs have a double C, all others an fp32 C");
-    constexpr cudaDataType_t type = cuda::cuda_data_type<T>;
-    constexpr cudaDataType_t c_type = cuda::cuda_data_type<C>;
-    constexpr cublasComputeType_t compute = is_double                    ? CUBLAS_COMPUTE_64F_PEDANTIC
-                                            : std::is_same_v<T, float> ? CUBLAS_COMPUTE_32F_PEDANTIC
-                                                                       : CUBLAS_COMPUTE_32F;
-    QLORA_CUBLAS_CHECK(cublasGemmEx(cublas_.get(), transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                    transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
-                                    static_cast<int>(k), &alpha, b, type, static_cast<int>(ldb), a, type,
-                                    static_cast<int>(lda), &beta, c, c_type, static_cast<int>(ldc), compute,
-                                    CUBLAS_GEMM_DEFAULT));
+    cuda::gemm_row_major(cublas_.get(), path_, transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
   /// out[i] = Out(fl32(float(x[i]) · mask.factor(first + i))) for n elements.

@@ -96,6 +96,14 @@ void adamw_update(float* __restrict param, const float* __restrict grad, float* 
   }
 }
 
+/// The update of one parameter: of its weight-decay group (`decay`), in the options' decay order.
+using AdamWUpdate = void (*)(float*, const float*, float*, float*, std::int64_t, const AdamWCoefficients&);
+inline AdamWUpdate adamw_update_for(bool decay, const AdamWOptions& options) {
+  if (!decay || options.weight_decay <= 0) return &adamw_update<DecayAt::none>;
+  return options.decay_order == AdamWOptions::DecayOrder::before_step ? &adamw_update<DecayAt::before>
+                                                                      : &adamw_update<DecayAt::after>;
+}
+
 /// `options` after AdamW's checks: Error("InvalidArgument") unless 0 ≤ β1, β2 < 1, eps ≥ 0 and
 /// weight_decay ≥ 0 (bitsandbytes' and torch's checks), all finite; threads at least 1.
 inline AdamWOptions checked(AdamWOptions options) {
@@ -160,20 +168,16 @@ class AdamW {
   void step(double lr) {
     check(std::isfinite(lr) && lr >= 0, "InvalidArgument", "AdamW: learning rate {} is not a finite value ≥ 0", lr);
     const detail::AdamWCoefficients coefficients(options_, steps_ + 1, lr);
-    const bool before = options_.decay_order == AdamWOptions::DecayOrder::before_step;
     parallel_for(
         static_cast<std::int64_t>(chunks_.size()), chunks_per_thread,
         [&](std::int64_t begin, std::int64_t end) {
           for (auto c = static_cast<std::size_t>(begin); c < static_cast<std::size_t>(end); ++c) {
             const Chunk& chunk = chunks_[c];
             const Parameter& p = parameters_[chunk.parameter];
-            const bool decays = p.decay && options_.weight_decay > 0;
-            const auto update = !decays ? &detail::adamw_update<detail::DecayAt::none>
-                                : before ? &detail::adamw_update<detail::DecayAt::before>
-                                         : &detail::adamw_update<detail::DecayAt::after>;
-            update(p.param.data<float>() + chunk.begin, p.grad.data<float>() + chunk.begin,
-                   p.exp_avg.view().data<float>() + chunk.begin, p.exp_avg_sq.view().data<float>() + chunk.begin,
-                   chunk.size, coefficients);
+            detail::adamw_update_for(p.decay, options_)(
+                p.param.data<float>() + chunk.begin, p.grad.data<float>() + chunk.begin,
+                p.exp_avg.view().data<float>() + chunk.begin, p.exp_avg_sq.view().data<float>() + chunk.begin,
+                chunk.size, coefficients);
           }
         },
         options_.threads);

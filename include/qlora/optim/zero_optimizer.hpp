@@ -148,7 +148,6 @@ class ZeroOptimizer {
           lr);
     const Layout& shard = layout();
     const detail::AdamWCoefficients coefficients(options_, steps_ + 1, lr);
-    const bool before = options_.decay_order == AdamWOptions::DecayOrder::before_step;
     const std::span<float> gradients = owned_gradients();
     parallel_for(
         static_cast<std::int64_t>(chunks_.size()), 4,
@@ -156,13 +155,10 @@ class ZeroOptimizer {
           for (auto c = static_cast<std::size_t>(begin); c < static_cast<std::size_t>(end); ++c) {
             const Chunk& chunk = chunks_[c];
             const Parameter& p = parameters_[chunk.parameter];
-            const bool decays = p.decay && options_.weight_decay > 0;
-            const auto update = !decays ? &detail::adamw_update<detail::DecayAt::none>
-                                : before ? &detail::adamw_update<detail::DecayAt::before>
-                                         : &detail::adamw_update<detail::DecayAt::after>;
             const std::int64_t at = chunk.flat_begin - shard.first;  // index into the shard
-            update(p.param.template data<float>() + (chunk.flat_begin - p.offset), gradients.data() + at,
-                   exp_avg_.data() + at, exp_avg_sq_.data() + at, chunk.size, coefficients);
+            detail::adamw_update_for(p.decay, options_)(
+                p.param.template data<float>() + (chunk.flat_begin - p.offset), gradients.data() + at,
+                exp_avg_.data() + at, exp_avg_sq_.data() + at, chunk.size, coefficients);
           }
         },
         options_.threads);
